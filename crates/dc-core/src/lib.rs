@@ -1,0 +1,26 @@
+//! Core of distributed-computing: the [`Worker`] and [`Broker`] traits, the worker-process
+//! protocol, the [`Pool`], the node agent's job loop and the in-process [`LocalBroker`].
+//!
+//! Users depend on the facade crate `distributed-computing`, which re-exports all of this.
+//! This crate names no network backend: those implement [`Broker`] in `dc-broker-*` crates.
+//!
+//! Cargo features:
+//! - `testing`: [`testing`], the broker conformance suite every backend runs.
+
+pub mod agent;
+pub mod broker;
+mod error;
+mod local;
+mod pool;
+pub mod protocol;
+mod registry;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+mod worker;
+
+pub use broker::Broker;
+pub use error::{BrokerError, JobFailure, PoolError};
+pub use local::LocalBroker;
+pub use pool::{DEFAULT_PORT, Pool, PoolBuilder};
+pub use registry::Registry;
+pub use worker::{BoxError, Worker, WorkerContext};

@@ -1,0 +1,976 @@
+//! The node agent: one per machine. It spawns one worker process per slot, takes jobs from the
+//! broker, feeds them to its children, returns results, heartbeats for the whole node, and
+//! restarts a child that dies (re-init, replay the update log, retry the job).
+//!
+//! The agent is backend-agnostic: a `local()` pool runs one in-process over a `LocalBroker`, and
+//! a node of a distributed deployment runs the same loop over Redis or RabbitMQ.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::broker::{
+    AttemptEnd, Broker, LeasedJob, Lease, NodeId, NodeProblem, NodeStatus, SessionId, SessionInfo,
+    UpdateSeq, WorkerId, WorkerState, WorkerStatus,
+};
+use crate::error::{BrokerError, JobFailure};
+use crate::protocol::{
+    self, FrameError, FromWorker, PROTOCOL_NAME, PROTOCOL_VERSION, ToWorker, WORKER_SUBCOMMAND,
+};
+
+/// Lines of a worker's output kept for crash reports.
+const TAIL_LINES: usize = 20;
+
+/// The program (and arguments) a node runs as a worker process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerCommand {
+    /// The executable.
+    pub program: PathBuf,
+    /// Its arguments.
+    pub args: Vec<OsString>,
+}
+
+impl WorkerCommand {
+    /// This executable, with the hidden worker sub-command (for binaries whose `main` calls
+    /// `Registry::serve_if_worker` or `main_with`).
+    ///
+    /// # Errors
+    /// When the path of the running executable cannot be found.
+    pub fn current_exe() -> std::io::Result<Self> {
+        Ok(Self::program(std::env::current_exe()?))
+    }
+
+    /// Another program built with a `Registry`, run with the hidden worker sub-command.
+    pub fn program(path: impl Into<PathBuf>) -> Self {
+        WorkerCommand {
+            program: path.into(),
+            args: vec![WORKER_SUBCOMMAND.into()],
+        }
+    }
+}
+
+/// One worker slot of a node: its devices and the environment that pins it to them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SlotSpec {
+    /// GPU UUIDs (empty for a CPU worker).
+    pub devices: Vec<String>,
+    /// Variables for the worker process (`CUDA_VISIBLE_DEVICES`…).
+    pub env: Vec<(String, String)>,
+}
+
+impl SlotSpec {
+    /// A slot for one GPU, or a CPU slot when `device` is `None`.
+    pub fn for_device(device: Option<&dc_gpu::GpuDevice>) -> Self {
+        SlotSpec {
+            devices: device.map(|d| vec![d.uuid.clone()]).unwrap_or_default(),
+            env: dc_gpu::worker_env(device),
+        }
+    }
+}
+
+/// How a node agent runs.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// This node's id.
+    pub node_id: NodeId,
+    /// Its host name, for status output.
+    pub host: String,
+    /// Kinds `command` can build.
+    pub kinds: Vec<String>,
+    /// The worker program for those kinds.
+    pub command: WorkerCommand,
+    /// Kinds served by another program each (any language speaking the frame protocol).
+    pub external: BTreeMap<String, WorkerCommand>,
+    /// One entry per worker process.
+    pub slots: Vec<SlotSpec>,
+    /// How often the node heartbeats (renewing its leases).
+    pub heartbeat: Duration,
+    /// Longest blocking wait on the broker.
+    pub poll: Duration,
+    /// How long a stopping worker gets between SIGTERM and SIGKILL.
+    pub stop_grace: Duration,
+    /// Consecutive failures of `Worker::new` before the slot gives up on a session.
+    pub init_attempts: u32,
+    /// How long a new worker process has to send its handshake.
+    pub hello_timeout: Duration,
+}
+
+impl AgentConfig {
+    /// A configuration with default timings: heartbeat 1 s, poll 1 s, grace 5 s.
+    pub fn new(
+        node_id: NodeId,
+        command: WorkerCommand,
+        kinds: Vec<String>,
+        slots: Vec<SlotSpec>,
+    ) -> Self {
+        AgentConfig {
+            node_id,
+            host: host_name(),
+            kinds,
+            command,
+            external: BTreeMap::new(),
+            slots,
+            heartbeat: Duration::from_secs(1),
+            poll: Duration::from_secs(1),
+            stop_grace: Duration::from_secs(5),
+            init_attempts: 3,
+            hello_timeout: Duration::from_secs(30),
+        }
+    }
+
+    fn command_for(&self, kind: &str) -> Option<&WorkerCommand> {
+        if let Some(cmd) = self.external.get(kind) {
+            return Some(cmd);
+        }
+        self.kinds
+            .iter()
+            .any(|k| k == kind)
+            .then_some(&self.command)
+    }
+
+    fn known_kinds(&self) -> Vec<String> {
+        let mut all: Vec<String> = self.kinds.clone();
+        all.extend(self.external.keys().cloned());
+        all.sort();
+        all.dedup();
+        all
+    }
+}
+
+/// This machine's host name (or "localhost").
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// A running node agent.
+#[derive(Debug)]
+pub struct AgentHandle {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+    shared: Arc<NodeShared>,
+}
+
+impl AgentHandle {
+    /// Stop: workers get `Shutdown`, then SIGTERM, then SIGKILL; held jobs go back to the queue.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+
+    /// Pids of the worker processes alive now.
+    pub fn worker_pids(&self) -> Vec<u32> {
+        self.shared.lock_pids().values().copied().collect()
+    }
+}
+
+/// Start a node agent on the current tokio runtime.
+pub fn spawn_agent(broker: Arc<dyn Broker>, config: AgentConfig) -> AgentHandle {
+    let workers = config
+        .slots
+        .iter()
+        .enumerate()
+        .map(|(i, slot)| WorkerStatus {
+            worker: WorkerId(format!("{}/{}", config.node_id, i)),
+            session: None,
+            state: WorkerState::Starting,
+            devices: slot.devices.clone(),
+        })
+        .collect();
+    let shared = Arc::new(NodeShared {
+        broker,
+        config,
+        workers: Mutex::new(workers),
+        leases: Mutex::new(HashMap::new()),
+        pids: Mutex::new(HashMap::new()),
+        beat_now: Notify::new(),
+    });
+    let (stop, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(run_agent(shared.clone(), stop_rx));
+    AgentHandle { stop, task, shared }
+}
+
+#[derive(Debug)]
+struct NodeShared {
+    broker: Arc<dyn Broker>,
+    config: AgentConfig,
+    workers: Mutex<Vec<WorkerStatus>>,
+    leases: Mutex<HashMap<usize, Lease>>,
+    pids: Mutex<HashMap<usize, u32>>,
+    beat_now: Notify,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl NodeShared {
+    fn status(&self) -> NodeStatus {
+        NodeStatus {
+            node: self.config.node_id.clone(),
+            host: self.config.host.clone(),
+            kinds: self.config.known_kinds(),
+            workers: lock(&self.workers).clone(),
+            leases: lock(&self.leases).values().cloned().collect(),
+        }
+    }
+
+    fn set_state(&self, slot: usize, session: Option<&SessionId>, state: WorkerState) {
+        let changed_readiness = {
+            let mut workers = lock(&self.workers);
+            let Some(w) = workers.get_mut(slot) else {
+                return;
+            };
+            let was_ready = w.state != WorkerState::Starting && w.session.is_some();
+            w.session = session.cloned();
+            w.state = state;
+            let is_ready = w.state != WorkerState::Starting && w.session.is_some();
+            was_ready != is_ready
+        };
+        if changed_readiness {
+            // Worker counts matter to the pool at once; busy/idle flips wait for the next beat.
+            self.beat_now.notify_one();
+        }
+    }
+
+    fn lock_pids(&self) -> std::sync::MutexGuard<'_, HashMap<usize, u32>> {
+        lock(&self.pids)
+    }
+}
+
+async fn run_agent(shared: Arc<NodeShared>, mut stop: watch::Receiver<bool>) {
+    let node = shared.config.node_id.clone();
+    tracing::info!(%node, slots = shared.config.slots.len(), kinds = ?shared.config.known_kinds(), "node agent started");
+    let beat = tokio::spawn(heartbeat_loop(shared.clone(), stop.clone()));
+    let mut finished: Option<SessionId> = None;
+    let mut failures = 0u32;
+    while !*stop.borrow() {
+        let active = tokio::select! {
+            _ = stop.changed() => break,
+            r = shared.broker.active_session(shared.config.poll) => r,
+        };
+        let info = match active {
+            Ok(Some(info)) if finished.as_ref() != Some(&info.id) => info,
+            Ok(Some(_)) => {
+                // Already served (or refused) this one: wait for the next.
+                sleep_or_stop(&mut stop, shared.config.poll).await;
+                continue;
+            }
+            Ok(None) => continue,
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(%node, error = %e, "cannot read the active session; retrying");
+                sleep_or_stop(&mut stop, backoff(failures)).await;
+                continue;
+            }
+        };
+        failures = 0;
+        if shared.config.command_for(&info.spec.kind).is_none() {
+            let known = shared.config.known_kinds();
+            tracing::error!(%node, kind = %info.spec.kind, ?known, "pool asks for a worker kind this node does not have");
+            let problem = NodeProblem::UnknownKind {
+                node: node.clone(),
+                known,
+            };
+            if let Err(e) = shared.broker.report_problem(&info.id, problem).await {
+                tracing::warn!(%node, error = %e, "cannot report the unknown worker kind");
+            }
+        } else {
+            tracing::info!(%node, session = %info.id, kind = %info.spec.kind, "serving pool session");
+            run_session(&shared, &info, &mut stop).await;
+            tracing::info!(%node, session = %info.id, "pool session over");
+        }
+        finished = Some(info.id);
+    }
+    let _ = beat.await;
+    if let Err(e) = shared.broker.leave(&node).await {
+        tracing::warn!(%node, error = %e, "could not deregister the node");
+    }
+    tracing::info!(%node, "node agent stopped");
+}
+
+async fn sleep_or_stop(stop: &mut watch::Receiver<bool>, d: Duration) {
+    tokio::select! {
+        _ = stop.changed() => {}
+        _ = tokio::time::sleep(d) => {}
+    }
+}
+
+fn backoff(failures: u32) -> Duration {
+    Duration::from_millis((100u64 << failures.min(6)).min(5_000))
+}
+
+async fn heartbeat_loop(shared: Arc<NodeShared>, mut stop: watch::Receiver<bool>) {
+    let mut failing = false;
+    loop {
+        let status = shared.status();
+        match shared.broker.heartbeat(&status).await {
+            Ok(()) if failing => {
+                failing = false;
+                tracing::info!(node = %status.node, "heartbeat restored");
+            }
+            Ok(()) => {}
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!(node = %status.node, error = %e, "heartbeat failed; retrying");
+            }
+            Err(_) => {}
+        }
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = shared.beat_now.notified() => {}
+            _ = tokio::time::sleep(shared.config.heartbeat) => {}
+        }
+    }
+}
+
+/// Serve one session until it closes or the node stops.
+async fn run_session(
+    shared: &Arc<NodeShared>,
+    info: &SessionInfo,
+    stop: &mut watch::Receiver<bool>,
+) {
+    let (cancel_tx, cancel_rx) = watch::channel(false);
+    let log = Arc::new(UpdateLog::new(info.id.clone()));
+    let mut slots = tokio::task::JoinSet::new();
+    for slot in 0..shared.config.slots.len() {
+        slots.spawn(run_slot(
+            shared.clone(),
+            info.clone(),
+            slot,
+            log.clone(),
+            cancel_rx.clone(),
+        ));
+    }
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            done = slots.join_next() => {
+                if done.is_none() {
+                    break;
+                }
+            }
+            _ = tokio::time::sleep(shared.config.poll) => {
+                match shared.broker.active_session(Duration::ZERO).await {
+                    Ok(Some(s)) if s.id == info.id => {}
+                    Ok(_) => break,
+                    Err(e) if e.is_transient() => {}
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+    let _ = cancel_tx.send(true);
+    while slots.join_next().await.is_some() {}
+}
+
+/// The ordered update log of one session, cached once per node for all its slots.
+#[derive(Debug)]
+struct UpdateLog {
+    session: SessionId,
+    entries: tokio::sync::Mutex<Vec<Bytes>>,
+    len: AtomicU64,
+}
+
+impl UpdateLog {
+    fn new(session: SessionId) -> Self {
+        UpdateLog {
+            session,
+            entries: tokio::sync::Mutex::new(Vec::new()),
+            len: AtomicU64::new(0),
+        }
+    }
+
+    /// Fetch new entries until at least `need` are known (`None`: everything there is).
+    async fn fetch(&self, broker: &dyn Broker, need: Option<UpdateSeq>) -> Result<(), BrokerError> {
+        let mut entries = self.entries.lock().await;
+        loop {
+            let have = entries.len() as UpdateSeq;
+            if need.is_some_and(|n| have >= n) {
+                return Ok(());
+            }
+            let batch = broker.read_updates(&self.session, have, 256).await?;
+            let got = batch.len();
+            for (seq, payload) in batch {
+                if seq == entries.len() as UpdateSeq + 1 {
+                    entries.push(payload);
+                }
+            }
+            self.len.store(entries.len() as UpdateSeq, Ordering::Release);
+            if got == 0 {
+                return match need {
+                    Some(n) if (entries.len() as UpdateSeq) < n => Err(BrokerError::Protocol(
+                        format!("update log ends at {} but a job needs {n}", entries.len()),
+                    )),
+                    _ => Ok(()),
+                };
+            }
+        }
+    }
+
+    fn known(&self) -> UpdateSeq {
+        self.len.load(Ordering::Acquire)
+    }
+
+    async fn after(&self, applied: UpdateSeq) -> Vec<(UpdateSeq, Bytes)> {
+        let entries = self.entries.lock().await;
+        entries
+            .iter()
+            .enumerate()
+            .skip(applied as usize)
+            .map(|(i, b)| (i as UpdateSeq + 1, b.clone()))
+            .collect()
+    }
+}
+
+enum SlotExit {
+    /// The session is over (or the node stops).
+    Done,
+    /// The worker process must be replaced.
+    Restart,
+}
+
+async fn run_slot(
+    shared: Arc<NodeShared>,
+    info: SessionInfo,
+    slot: usize,
+    log: Arc<UpdateLog>,
+    mut cancel: watch::Receiver<bool>,
+) {
+    let node = shared.config.node_id.clone();
+    let worker_id = WorkerId(format!("{node}/{slot}"));
+    let mut init_failures = 0u32;
+    loop {
+        if *cancel.borrow() {
+            break;
+        }
+        shared.set_state(slot, Some(&info.id), WorkerState::Starting);
+        let started = tokio::select! {
+            _ = cancel.changed() => break,
+            r = WorkerProc::start(&shared, &info, slot, &worker_id) => r,
+        };
+        let mut proc = match started {
+            Ok(p) => p,
+            Err(StartError::UnknownKind(known)) => {
+                tracing::error!(worker = %worker_id, kind = %info.spec.kind, ?known, "worker program has no such kind");
+                let _ = shared
+                    .broker
+                    .report_problem(&info.id, NodeProblem::UnknownKind { node: node.clone(), known })
+                    .await;
+                break;
+            }
+            Err(StartError::Init(message)) => {
+                init_failures += 1;
+                tracing::warn!(worker = %worker_id, attempt = init_failures, %message, "worker failed to start");
+                if init_failures >= shared.config.init_attempts {
+                    let _ = shared
+                        .broker
+                        .report_problem(
+                            &info.id,
+                            NodeProblem::InitFailed {
+                                node: node.clone(),
+                                worker: worker_id.clone(),
+                                message,
+                            },
+                        )
+                        .await;
+                    break;
+                }
+                sleep_or_stop(&mut cancel, backoff(init_failures)).await;
+                continue;
+            }
+        };
+        init_failures = 0;
+        lock(&shared.pids).insert(slot, proc.pid);
+        shared.set_state(slot, Some(&info.id), WorkerState::Idle);
+        let exit = serve_jobs(&shared, &info, slot, &worker_id, &log, &mut proc, &mut cancel).await;
+        lock(&shared.pids).remove(&slot);
+        match exit {
+            SlotExit::Done => {
+                proc.stop(shared.config.stop_grace).await;
+                break;
+            }
+            SlotExit::Restart => {
+                proc.kill().await;
+            }
+        }
+    }
+    shared.set_state(slot, None, WorkerState::Starting);
+}
+
+async fn serve_jobs(
+    shared: &NodeShared,
+    info: &SessionInfo,
+    slot: usize,
+    worker_id: &WorkerId,
+    log: &UpdateLog,
+    proc: &mut WorkerProc,
+    cancel: &mut watch::Receiver<bool>,
+) -> SlotExit {
+    let broker = shared.broker.as_ref();
+    let mut applied: UpdateSeq = 0;
+    let mut failures = 0u32;
+    loop {
+        // Catch up with every update this node knows of before taking the next job.
+        if log.known() > applied
+            && let Err(end) = apply_updates(proc, log, &mut applied).await
+        {
+            tracing::warn!(worker = %worker_id, "worker died while applying updates: {end}");
+            return SlotExit::Restart;
+        }
+        let taken = tokio::select! {
+            biased;
+            _ = cancel.changed() => return SlotExit::Done,
+            r = broker.take_job(&info.id, &shared.config.node_id, worker_id, shared.config.poll) => r,
+        };
+        let job = match taken {
+            Ok(Some(job)) => job,
+            Ok(None) => {
+                // Idle (or woken by an update): refresh the log so idle workers apply it now.
+                if let Err(e) = log.fetch(broker, None).await {
+                    if matches!(e, BrokerError::SessionGone(_)) {
+                        return SlotExit::Done;
+                    }
+                    tracing::debug!(error = %e, "update log refresh failed");
+                }
+                continue;
+            }
+            Err(BrokerError::SessionGone(_)) => return SlotExit::Done,
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(worker = %worker_id, error = %e, "cannot take a job; retrying");
+                tokio::time::sleep(backoff(failures)).await;
+                continue;
+            }
+        };
+        failures = 0;
+        lock(&shared.leases).insert(slot, job.lease.clone());
+        shared.set_state(slot, Some(&info.id), WorkerState::Busy);
+        let outcome = run_one(shared, proc, log, &mut applied, &job, cancel).await;
+        lock(&shared.leases).remove(&slot);
+        shared.set_state(slot, Some(&info.id), WorkerState::Idle);
+        match outcome {
+            JobStep::Finished => {}
+            JobStep::Cancelled => return SlotExit::Done,
+            JobStep::WorkerBroken => return SlotExit::Restart,
+        }
+    }
+}
+
+enum JobStep {
+    Finished,
+    Cancelled,
+    WorkerBroken,
+}
+
+/// Run one leased job on the worker and report its outcome to the broker.
+async fn run_one(
+    shared: &NodeShared,
+    proc: &mut WorkerProc,
+    log: &UpdateLog,
+    applied: &mut UpdateSeq,
+    job: &LeasedJob,
+    cancel: &mut watch::Receiver<bool>,
+) -> JobStep {
+    let broker = shared.broker.as_ref();
+    let lease = &job.lease;
+    let need = job.update_seq.max(job.log_len);
+    let run = async {
+        if need > *applied {
+            if let Err(e) = log.fetch(broker, Some(need)).await {
+                tracing::warn!(job = %lease.job, error = %e, "cannot read the update log");
+            }
+            apply_updates(proc, log, applied).await?;
+        }
+        proc.run_job(job).await
+    };
+    let reply = tokio::select! {
+        biased;
+        _ = cancel.changed() => return JobStep::Cancelled,
+        r = run => r,
+    };
+    match reply {
+        Ok(JobReply::Output(bytes)) => {
+            report(lease, || broker.complete(lease, Ok(bytes.clone()))).await;
+            JobStep::Finished
+        }
+        Ok(JobReply::Failed {
+            message,
+            undecodable,
+        }) => {
+            let (kind, end) = if undecodable {
+                (JobFailure::Codec, AttemptEnd::Undecodable(message))
+            } else {
+                (JobFailure::Worker, AttemptEnd::WorkerError(message))
+            };
+            report(lease, || broker.complete(lease, Err((kind, end.clone())))).await;
+            JobStep::Finished
+        }
+        Err(end) => {
+            tracing::warn!(job = %lease.job, attempt = lease.attempt, worker = %lease.worker, "attempt failed: {end}");
+            report(lease, || broker.abandon(lease, end.clone())).await;
+            JobStep::WorkerBroken
+        }
+    }
+}
+
+/// Call the broker until it answers or the error is not transient; the lease stays renewed by
+/// the heartbeat meanwhile, so retrying cannot lose the job.
+async fn report<T, F, Fut>(lease: &Lease, mut call: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, BrokerError>>,
+{
+    let mut tries = 0u32;
+    loop {
+        match call().await {
+            Ok(_) => return,
+            Err(e) if e.is_transient() && tries < 20 => {
+                tries += 1;
+                tokio::time::sleep(backoff(tries)).await;
+            }
+            Err(e) => {
+                tracing::warn!(job = %lease.job, error = %e, "could not report the job's outcome; its lease will expire and it will run again");
+                return;
+            }
+        }
+    }
+}
+
+async fn apply_updates(
+    proc: &mut WorkerProc,
+    log: &UpdateLog,
+    applied: &mut UpdateSeq,
+) -> Result<(), AttemptEnd> {
+    for (seq, payload) in log.after(*applied).await {
+        proc.apply_update(seq, &payload).await?;
+        *applied = seq;
+    }
+    Ok(())
+}
+
+enum StartError {
+    UnknownKind(Vec<String>),
+    Init(String),
+}
+
+enum JobReply {
+    Output(Bytes),
+    Failed { message: String, undecodable: bool },
+}
+
+/// The agent's side of one worker process.
+struct WorkerProc {
+    child: tokio::process::Child,
+    pid: u32,
+    label: String,
+    writer: OwnedWriteHalf,
+    frames: mpsc::Receiver<Result<FromWorker, FrameError>>,
+    tail: Arc<Mutex<VecDeque<String>>>,
+}
+
+impl WorkerProc {
+    async fn start(
+        shared: &NodeShared,
+        info: &SessionInfo,
+        slot: usize,
+        worker_id: &WorkerId,
+    ) -> Result<Self, StartError> {
+        let cfg = &shared.config;
+        let kind = &info.spec.kind;
+        let command = cfg
+            .command_for(kind)
+            .ok_or_else(|| StartError::UnknownKind(cfg.known_kinds()))?;
+        let slot_spec = cfg.slots.get(slot).cloned().unwrap_or_default();
+        let mut env = slot_spec.env.clone();
+        env.push(("DC_NODE_ID".into(), cfg.node_id.to_string()));
+        env.push(("DC_WORKER_ID".into(), worker_id.to_string()));
+        let spawned = dc_gpu::proc::spawn_isolated(dc_gpu::proc::SpawnSpec {
+            program: command.program.clone(),
+            args: command.args.clone(),
+            env,
+        })
+        .await
+        .map_err(|e| {
+            StartError::Init(format!(
+                "cannot start worker program {}: {e}",
+                command.program.display()
+            ))
+        })?;
+        let mut child = spawned.child;
+        let label = worker_id.to_string();
+        let tail = Arc::new(Mutex::new(VecDeque::with_capacity(TAIL_LINES)));
+        if let Some(out) = child.stdout.take() {
+            tokio::spawn(forward_lines(out, label.clone(), tail.clone(), false));
+        }
+        if let Some(err) = child.stderr.take() {
+            tokio::spawn(forward_lines(err, label.clone(), tail.clone(), true));
+        }
+        let channel = spawned
+            .channel
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::UnixStream::from_std(spawned.channel));
+        let mut proc = match channel {
+            Ok(stream) => {
+                let (mut read, writer) = stream.into_split();
+                let (tx, frames) = mpsc::channel(4);
+                tokio::spawn(async move {
+                    loop {
+                        let frame = protocol::read_frame::<FromWorker>(&mut read).await;
+                        let end = frame.is_err();
+                        if tx.send(frame).await.is_err() || end {
+                            return;
+                        }
+                    }
+                });
+                WorkerProc {
+                    pid: spawned.pid,
+                    child,
+                    label,
+                    writer,
+                    frames,
+                    tail,
+                }
+            }
+            Err(e) => {
+                dc_gpu::proc::signal_group(spawned.pid, nix_kill());
+                return Err(StartError::Init(format!("protocol channel: {e}")));
+            }
+        };
+        proc.handshake(shared, info, slot, worker_id).await?;
+        Ok(proc)
+    }
+
+    async fn handshake(
+        &mut self,
+        shared: &NodeShared,
+        info: &SessionInfo,
+        slot: usize,
+        worker_id: &WorkerId,
+    ) -> Result<(), StartError> {
+        let cfg = &shared.config;
+        let hello = match tokio::time::timeout(cfg.hello_timeout, self.next()).await {
+            Ok(r) => r,
+            Err(_) => {
+                self.kill().await;
+                return Err(StartError::Init(format!(
+                    "worker process sent no handshake within {:?} (is it a distributed-computing worker program?)",
+                    cfg.hello_timeout
+                )));
+            }
+        };
+        match hello {
+            Ok(FromWorker::Hello {
+                protocol, version, ..
+            }) if protocol == PROTOCOL_NAME && version == PROTOCOL_VERSION => {}
+            Ok(FromWorker::Hello {
+                protocol, version, ..
+            }) => {
+                self.kill().await;
+                return Err(StartError::Init(format!(
+                    "worker speaks {protocol} version {version}; this node speaks {PROTOCOL_NAME} version {PROTOCOL_VERSION}: rebuild the worker program against the same release"
+                )));
+            }
+            Ok(other) => {
+                self.kill().await;
+                return Err(StartError::Init(format!(
+                    "expected the handshake, got {other:?}"
+                )));
+            }
+            Err(end) => return Err(StartError::Init(end.to_string())),
+        }
+        let slot_spec = cfg.slots.get(slot).cloned().unwrap_or_default();
+        let init = ToWorker::Init {
+            kind: info.spec.kind.clone(),
+            init: protocol::Payload::borrowed(&info.spec.init),
+            node_id: cfg.node_id.to_string(),
+            worker_id: worker_id.to_string(),
+            slot: slot as u32,
+            devices: slot_spec.devices,
+        };
+        if let Err(end) = self.send(&init).await {
+            return Err(StartError::Init(end.to_string()));
+        }
+        match self.next().await {
+            Ok(FromWorker::Ready) => Ok(()),
+            Ok(FromWorker::InitError { message }) => {
+                self.kill().await;
+                Err(StartError::Init(message))
+            }
+            Ok(FromWorker::UnknownKind { known }) => {
+                self.kill().await;
+                Err(StartError::UnknownKind(known))
+            }
+            Ok(other) => {
+                self.kill().await;
+                Err(StartError::Init(format!("expected Ready, got {other:?}")))
+            }
+            Err(end) => Err(StartError::Init(end.to_string())),
+        }
+    }
+
+    /// The next frame, or how the worker broke.
+    async fn next(&mut self) -> Result<FromWorker, AttemptEnd> {
+        match self.frames.recv().await {
+            Some(Ok(msg)) => Ok(msg),
+            Some(Err(FrameError::Closed)) | None => Err(self.death().await),
+            Some(Err(FrameError::Io(e))) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                Err(self.death().await)
+            }
+            Some(Err(e)) => {
+                tracing::warn!(worker = %self.label, error = %e, "worker broke the frame protocol; killing it");
+                self.kill().await;
+                Err(AttemptEnd::Protocol(e.to_string()))
+            }
+        }
+    }
+
+    async fn send(&mut self, msg: &ToWorker<'_>) -> Result<(), AttemptEnd> {
+        match protocol::write_frame(&mut self.writer, msg).await {
+            Ok(()) => Ok(()),
+            Err(_) => Err(self.death().await),
+        }
+    }
+
+    /// The channel ended: wait briefly for the process to exit and say how it did.
+    async fn death(&mut self) -> AttemptEnd {
+        let status = match tokio::time::timeout(Duration::from_secs(3), self.child.wait()).await {
+            Ok(s) => s.ok(),
+            Err(_) => {
+                // Closed its channel but lives on: it is of no use any more.
+                self.kill().await;
+                self.child.try_wait().ok().flatten()
+            }
+        };
+        // Give the output forwarders a moment to drain the last lines.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let how = status
+            .map(|s| dc_gpu::proc::describe_exit(&s))
+            .unwrap_or_else(|| "closed its protocol channel".into());
+        AttemptEnd::ProcessDied {
+            how,
+            last_lines: lock(&self.tail).iter().cloned().collect(),
+        }
+    }
+
+    async fn run_job(&mut self, job: &LeasedJob) -> Result<JobReply, AttemptEnd> {
+        let id = job.lease.job.0;
+        self.send(&ToWorker::Job {
+            job_id: id,
+            attempt: job.lease.attempt,
+            payload: protocol::Payload::borrowed(&job.payload),
+        })
+        .await?;
+        match self.next().await? {
+            FromWorker::Result { job_id, payload } if job_id == id => {
+                Ok(JobReply::Output(Bytes::from(payload)))
+            }
+            FromWorker::JobError {
+                job_id,
+                message,
+                undecodable,
+            } if job_id == id => Ok(JobReply::Failed {
+                message,
+                undecodable,
+            }),
+            other => {
+                self.kill().await;
+                Err(AttemptEnd::Protocol(format!(
+                    "expected the result of job {id}, got {}",
+                    describe(&other)
+                )))
+            }
+        }
+    }
+
+    async fn apply_update(&mut self, seq: UpdateSeq, payload: &[u8]) -> Result<(), AttemptEnd> {
+        self.send(&ToWorker::Update {
+            seq,
+            payload: protocol::Payload::borrowed(payload),
+        })
+        .await?;
+        match self.next().await? {
+            FromWorker::UpdateApplied { seq: s } if s == seq => Ok(()),
+            FromWorker::UpdateError { seq: s, message } if s == seq => {
+                tracing::error!(worker = %self.label, seq, %message, "worker could not apply update");
+                Ok(())
+            }
+            other => {
+                self.kill().await;
+                Err(AttemptEnd::Protocol(format!(
+                    "expected the answer to update {seq}, got {}",
+                    describe(&other)
+                )))
+            }
+        }
+    }
+
+    async fn kill(&mut self) {
+        dc_gpu::proc::signal_group(self.pid, nix_kill());
+        let _ = self.child.wait().await;
+    }
+
+    /// Ask the worker to exit; TERM then KILL its group if it does not.
+    async fn stop(mut self, grace: Duration) {
+        let _ = protocol::write_frame(&mut self.writer, &ToWorker::Shutdown).await;
+        if tokio::time::timeout(grace, self.child.wait()).await.is_err() {
+            let _ = dc_gpu::proc::stop_group(&mut self.child, grace).await;
+        }
+        // Grandchildren of a clean exit may linger in the group.
+        dc_gpu::proc::signal_group(self.pid, nix_kill());
+    }
+}
+
+impl Drop for WorkerProc {
+    fn drop(&mut self) {
+        // Backstop for a cancelled task: never leave a worker (or its children) behind.
+        if matches!(self.child.try_wait(), Ok(None)) {
+            dc_gpu::proc::signal_group(self.pid, nix_kill());
+        }
+    }
+}
+
+fn nix_kill() -> dc_gpu::proc::Signal {
+    dc_gpu::proc::Signal::SIGKILL
+}
+
+fn describe(msg: &FromWorker) -> String {
+    match msg {
+        FromWorker::Result { job_id, .. } => format!("a result for job {job_id}"),
+        FromWorker::JobError { job_id, .. } => format!("an error for job {job_id}"),
+        other => format!("{other:?}"),
+    }
+}
+
+async fn forward_lines(
+    stream: impl AsyncRead + Unpin,
+    label: String,
+    tail: Arc<Mutex<VecDeque<String>>>,
+    is_stderr: bool,
+) {
+    let mut lines = BufReader::new(stream).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if is_stderr {
+            eprintln!("[{label}] {line}");
+        } else {
+            println!("[{label}] {line}");
+        }
+        let mut tail = lock(&tail);
+        if tail.len() == TAIL_LINES {
+            tail.pop_front();
+        }
+        tail.push_back(line);
+    }
+}

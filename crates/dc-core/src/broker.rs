@@ -1,0 +1,430 @@
+//! The [`Broker`] trait every backend implements, and the wire types it moves.
+//!
+//! A broker holds, per pool *session*: a job queue, leases on taken jobs, an ordered update log,
+//! and results keyed by job id. The reliability model every backend keeps (and the conformance
+//! suite in `dc_core::testing` checks):
+//!
+//! - **One active session.** [`Broker::try_open_session`] opens a session only when none is
+//!   active; the pool retries until the active one closes or expires.
+//! - **Leases renewed by the node heartbeat.** [`Broker::take_job`] leases a job to a node with a
+//!   new attempt number; [`Broker::heartbeat`] renews every lease the node lists. A lease not
+//!   renewed within the session's `lease` period expires: [`Broker::reap_expired`] puts the job
+//!   back (or fails it after `max_attempts` failed attempts), never drops it.
+//! - **Fencing by attempt.** [`Broker::complete`] and [`Broker::abandon`] only count when the
+//!   lease's attempt is still the job's current one; a late result from an expired lease is
+//!   discarded.
+//! - **First writer wins.** A job gets at most one result; later ones are discarded.
+//! - **Ordered update log.** Updates get sequence numbers 1, 2, 3…; every worker replays them
+//!   from the start; a job carries the sequence in force when it was submitted.
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{BrokerError, JobFailure};
+
+macro_rules! string_id {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(pub String);
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl From<&str> for $name {
+            fn from(s: &str) -> Self {
+                $name(s.to_string())
+            }
+        }
+    };
+}
+
+string_id!(
+    /// A pool session: one `Pool` from connect to close.
+    SessionId
+);
+string_id!(
+    /// A node: one agent process on one machine.
+    NodeId
+);
+string_id!(
+    /// A worker process slot: `<node>/<slot>`.
+    WorkerId
+);
+
+/// A job, numbered by its pool within the session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct JobId(pub u64);
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "job#{}", self.0)
+    }
+}
+
+/// Position in a session's update log: `n` means updates `1..=n` (0: none).
+pub type UpdateSeq = u64;
+
+/// What a pool asks for when it opens a session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionSpec {
+    /// The worker kind (`Worker::KIND`).
+    pub kind: String,
+    /// `Worker::Init`, CBOR-encoded.
+    #[serde(with = "serde_bytes")]
+    pub init: Vec<u8>,
+    /// Failed attempts after which a job fails for good.
+    pub max_attempts: u32,
+    /// How long a lease (and the session itself) lives without renewal.
+    pub lease: Duration,
+    /// Who opened it (host and pid), for status output and logs.
+    pub owner: String,
+}
+
+/// An open session as nodes see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionInfo {
+    /// Its id.
+    pub id: SessionId,
+    /// What it was opened with.
+    pub spec: SessionSpec,
+}
+
+/// A job as the pool submits it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewJob {
+    /// Unique within the session.
+    pub id: JobId,
+    /// `Worker::Job`, CBOR-encoded; passed to the worker process as is.
+    pub payload: Bytes,
+    /// Updates that must be applied before this job runs.
+    pub update_seq: UpdateSeq,
+}
+
+/// The right of one node to run one attempt of one job.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Lease {
+    /// The job's session.
+    pub session: SessionId,
+    /// The job.
+    pub job: JobId,
+    /// 1 for the first start, 2 for the second…; fences late results of earlier attempts.
+    pub attempt: u32,
+    /// The node holding it.
+    pub node: NodeId,
+    /// The worker slot it is for.
+    pub worker: WorkerId,
+}
+
+/// A job handed to a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeasedJob {
+    /// The lease to renew (through heartbeats) and to complete.
+    pub lease: Lease,
+    /// The job's payload.
+    pub payload: Bytes,
+    /// Updates to apply before running it.
+    pub update_seq: UpdateSeq,
+    /// Length of the session's update log when the job was taken: a worker applies these too
+    /// between jobs, so updates reach busy workers without an extra round trip.
+    pub log_len: UpdateSeq,
+}
+
+/// How one attempt of a job ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum AttemptEnd {
+    /// It produced a result.
+    Completed,
+    /// The worker returned an error.
+    WorkerError(String),
+    /// The job's payload did not decode as the worker's `Job` type.
+    Undecodable(String),
+    /// The worker process died; `how` says how (exit code or signal).
+    ProcessDied {
+        /// "exited with code 3", "killed by signal 9 (SIGKILL)".
+        how: String,
+        /// The last lines the process printed.
+        last_lines: Vec<String>,
+    },
+    /// The worker process broke the frame protocol.
+    Protocol(String),
+    /// The node stopped renewing the lease (dead, cut off, or stalled).
+    LeaseExpired,
+    /// The node left on purpose while holding the job (not counted as a failure).
+    NodeLeft,
+}
+
+impl AttemptEnd {
+    /// Whether this ending counts toward `max_attempts`.
+    pub fn counts_as_failure(&self) -> bool {
+        !matches!(self, AttemptEnd::Completed | AttemptEnd::NodeLeft)
+    }
+}
+
+impl fmt::Display for AttemptEnd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AttemptEnd::Completed => f.write_str("completed"),
+            AttemptEnd::WorkerError(m) => write!(f, "worker error: {m}"),
+            AttemptEnd::Undecodable(m) => write!(f, "undecodable job: {m}"),
+            AttemptEnd::ProcessDied { how, last_lines } => {
+                write!(f, "worker process {how}")?;
+                if !last_lines.is_empty() {
+                    write!(f, "; its last output:\n  {}", last_lines.join("\n  "))?;
+                }
+                Ok(())
+            }
+            AttemptEnd::Protocol(m) => write!(f, "protocol error: {m}"),
+            AttemptEnd::LeaseExpired => f.write_str("lease expired (node silent)"),
+            AttemptEnd::NodeLeft => f.write_str("node left"),
+        }
+    }
+}
+
+/// One attempt in a job's history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptRecord {
+    /// Its attempt number.
+    pub attempt: u32,
+    /// Where it ran.
+    pub node: NodeId,
+    /// On which worker slot.
+    pub worker: WorkerId,
+    /// How it ended.
+    pub end: AttemptEnd,
+}
+
+impl fmt::Display for AttemptRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "attempt {} on {}: {}", self.attempt, self.worker, self.end)
+    }
+}
+
+/// A job's final outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobOutcome {
+    /// `Worker::Output`, CBOR-encoded.
+    Done(Bytes),
+    /// Failed for good.
+    Failed {
+        /// Why.
+        kind: JobFailure,
+        /// The worker's message or how the last attempt ended.
+        message: String,
+        /// Every attempt.
+        history: Vec<AttemptRecord>,
+    },
+}
+
+/// A job's outcome, as the pool reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobResult {
+    /// The job.
+    pub job: JobId,
+    /// Times it was started.
+    pub attempts: u32,
+    /// Its outcome.
+    pub outcome: JobOutcome,
+}
+
+/// What happened to a result handed to [`Broker::complete`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Completion {
+    /// Recorded: this was the job's first result.
+    Accepted,
+    /// Dropped: the lease was stale (the job was re-leased) or the job already had a result.
+    Discarded,
+}
+
+/// What happened to a lease handed back with [`Broker::abandon`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Abandoned {
+    /// Queued again for another attempt.
+    Requeued,
+    /// Out of attempts: the job failed for good and the pool was told.
+    Failed,
+    /// The lease was stale; nothing changed.
+    Stale,
+}
+
+/// State of one worker slot, as its node reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WorkerState {
+    /// Starting its process or building the worker.
+    Starting,
+    /// Ready, waiting for a job.
+    Idle,
+    /// Running a job.
+    Busy,
+}
+
+/// One worker slot in a node's heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    /// The slot.
+    pub worker: WorkerId,
+    /// The session it serves, if any.
+    pub session: Option<SessionId>,
+    /// What it is doing.
+    pub state: WorkerState,
+    /// GPU UUIDs it was given.
+    pub devices: Vec<String>,
+}
+
+/// What a node tells the broker on each heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// The node.
+    pub node: NodeId,
+    /// Its host name.
+    pub host: String,
+    /// Worker kinds it can run.
+    pub kinds: Vec<String>,
+    /// Its worker slots.
+    pub workers: Vec<WorkerStatus>,
+    /// The leases it holds now: exactly these are renewed.
+    pub leases: Vec<Lease>,
+}
+
+/// Something a node could not do for a session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum NodeProblem {
+    /// The node's binary has no such worker kind.
+    UnknownKind {
+        /// The node.
+        node: NodeId,
+        /// Kinds it has.
+        known: Vec<String>,
+    },
+    /// `Worker::new` kept failing on the node.
+    InitFailed {
+        /// The node.
+        node: NodeId,
+        /// The worker slot.
+        worker: WorkerId,
+        /// The worker's message.
+        message: String,
+    },
+}
+
+/// Counts for one session.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionStats {
+    /// Worker processes ready or busy for this session on live nodes.
+    pub workers: usize,
+    /// Live nodes with at least one such worker.
+    pub nodes: usize,
+    /// Worker processes starting (or building the worker) for this session on live nodes.
+    pub starting: usize,
+    /// Jobs waiting.
+    pub queued: usize,
+    /// Jobs leased.
+    pub running: usize,
+    /// Jobs with a result.
+    pub done: usize,
+    /// Jobs failed for good.
+    pub failed: usize,
+    /// Problems nodes reported for it.
+    pub problems: Vec<NodeProblem>,
+}
+
+/// A session's state as its keep-alive sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionState {
+    /// Alive.
+    Active,
+    /// Unknown to the broker: closed, expired, or lost in a broker restart.
+    Gone,
+}
+
+/// A job broker: where pools put jobs and nodes take them. Object-safe: use `Arc<dyn Broker>`.
+///
+/// Blocking reads (`wait` arguments) return early when something arrives and an empty answer
+/// when the wait ends; implementations must never block longer than `wait` plus one round trip.
+#[async_trait]
+pub trait Broker: Send + Sync + fmt::Debug + 'static {
+    /// Largest payload (job, result, update, init) this broker accepts, in bytes.
+    fn max_payload(&self) -> usize;
+
+    // ---- pool side -------------------------------------------------------------------------
+
+    /// Open a session if none is active; `Ok(None)` when another one is.
+    async fn try_open_session(&self, spec: &SessionSpec)
+    -> Result<Option<SessionInfo>, BrokerError>;
+    /// Keep the session alive (the pool calls this every fraction of the lease).
+    async fn keep_session_alive(&self, session: &SessionId) -> Result<SessionState, BrokerError>;
+    /// Close it: drop its queue, results and log; nodes stop its workers.
+    async fn close_session(&self, session: &SessionId) -> Result<(), BrokerError>;
+    /// Queue jobs, in order.
+    async fn submit(&self, session: &SessionId, jobs: Vec<NewJob>) -> Result<(), BrokerError>;
+    /// Append an update to the session's log; returns its sequence number.
+    async fn publish_update(
+        &self,
+        session: &SessionId,
+        payload: Bytes,
+    ) -> Result<UpdateSeq, BrokerError>;
+    /// Take up to `max` results (each result is handed out once), waiting up to `wait`.
+    async fn take_results(
+        &self,
+        session: &SessionId,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<JobResult>, BrokerError>;
+    /// Counts of workers, nodes and jobs, and reported problems.
+    async fn session_stats(&self, session: &SessionId) -> Result<SessionStats, BrokerError>;
+    /// Requeue (or fail) jobs whose lease expired; returns how many. Anyone may call it.
+    async fn reap_expired(&self) -> Result<usize, BrokerError>;
+
+    // ---- node side -------------------------------------------------------------------------
+
+    /// Register or refresh a node, and renew exactly the leases it lists.
+    async fn heartbeat(&self, status: &NodeStatus) -> Result<(), BrokerError>;
+    /// A node leaves: its leases go back to the queue now (not counted as failures).
+    async fn leave(&self, node: &NodeId) -> Result<(), BrokerError>;
+    /// The active session, waiting up to `wait` for one to open.
+    async fn active_session(&self, wait: Duration) -> Result<Option<SessionInfo>, BrokerError>;
+    /// Tell the pool a node cannot serve it.
+    async fn report_problem(
+        &self,
+        session: &SessionId,
+        problem: NodeProblem,
+    ) -> Result<(), BrokerError>;
+    /// Lease the next job for `worker` on `node`, waiting up to `wait` (returns early with
+    /// `None` when an update is published, so idle workers apply it at once).
+    ///
+    /// # Errors
+    /// [`BrokerError::SessionGone`] once the session closed.
+    async fn take_job(
+        &self,
+        session: &SessionId,
+        node: &NodeId,
+        worker: &WorkerId,
+        wait: Duration,
+    ) -> Result<Option<LeasedJob>, BrokerError>;
+    /// Record an attempt's outcome: a result (`Ok`) or the worker's error (`Err`, not retried).
+    async fn complete(
+        &self,
+        lease: &Lease,
+        outcome: Result<Bytes, (JobFailure, AttemptEnd)>,
+    ) -> Result<Completion, BrokerError>;
+    /// Hand a lease back after a failed attempt; the job is retried or fails for good.
+    async fn abandon(&self, lease: &Lease, end: AttemptEnd) -> Result<Abandoned, BrokerError>;
+    /// Updates after `after`, in order, at most `max`.
+    async fn read_updates(
+        &self,
+        session: &SessionId,
+        after: UpdateSeq,
+        max: usize,
+    ) -> Result<Vec<(UpdateSeq, Bytes)>, BrokerError>;
+}

@@ -1,0 +1,759 @@
+//! [`Pool`]: what a user's script or service holds to run jobs on the workers.
+
+use std::collections::{HashMap, VecDeque};
+use std::marker::PhantomData;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::agent::{AgentConfig, AgentHandle, SlotSpec, WorkerCommand, host_name, spawn_agent};
+use crate::broker::{
+    Broker, JobId, JobOutcome, JobResult, NewJob, NodeId, NodeProblem, SessionId, SessionInfo,
+    SessionSpec, SessionState,
+};
+use crate::error::{BrokerError, PoolError};
+use crate::local::LocalBroker;
+use crate::registry;
+use crate::worker::Worker;
+
+/// The port a head node's pool server listens on unless told otherwise.
+pub const DEFAULT_PORT: u16 = 8899;
+
+/// Jobs per `submit` call.
+const SUBMIT_BATCH: usize = 1024;
+
+/// Where a pool's broker lives.
+#[derive(Debug, Clone)]
+enum Target {
+    /// A head node at `address:port` (the default).
+    Server,
+    /// A broker URL.
+    Url(String),
+    /// Embedded: no server, worker processes on this machine.
+    Local,
+    /// A broker object the caller built.
+    Instance(Arc<dyn Broker>),
+}
+
+/// Builds a [`Pool`]: say where the workers are, then `connect`.
+///
+/// # Examples
+/// ```no_run
+/// # use distributed_computing::{Pool, Worker, WorkerContext, BoxError};
+/// # struct Sweep;
+/// # impl Worker for Sweep {
+/// #     const KIND: &'static str = "sweep";
+/// #     type Init = (); type Job = u32; type Output = u32; type Update = ();
+/// #     fn new(_: (), _: &WorkerContext) -> Result<Self, BoxError> { Ok(Sweep) }
+/// #     fn run(&mut self, j: u32) -> Result<u32, BoxError> { Ok(j) }
+/// # }
+/// # async fn demo() -> Result<(), distributed_computing::PoolError> {
+/// let pool = Pool::<Sweep>::builder(()).local().cpu_workers(2).connect().await?;
+/// assert_eq!(pool.map(vec![1, 2, 3]).await?, vec![1, 2, 3]);
+/// pool.close().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+#[must_use = "a builder does nothing until `connect`"]
+pub struct PoolBuilder<W: Worker> {
+    init: W::Init,
+    target: Target,
+    password: Option<String>,
+    address: String,
+    port: u16,
+    max_attempts: u32,
+    lease: Duration,
+    cpu_workers: Option<usize>,
+    gpus: dc_gpu::GpuSelection,
+    workers_per_gpu: usize,
+    worker_program: Option<PathBuf>,
+}
+
+impl<W: Worker> PoolBuilder<W> {
+    fn new(init: W::Init) -> Self {
+        PoolBuilder {
+            init,
+            target: Target::Server,
+            password: None,
+            address: "localhost".into(),
+            port: DEFAULT_PORT,
+            max_attempts: 3,
+            lease: Duration::from_secs(5),
+            cpu_workers: None,
+            gpus: dc_gpu::GpuSelection::Auto,
+            workers_per_gpu: 1,
+            worker_program: None,
+        }
+    }
+
+    /// The pool password.
+    pub fn password(mut self, password: impl Into<String>) -> Self {
+        self.password = Some(password.into());
+        self
+    }
+
+    /// The head node's address (default `localhost`).
+    pub fn address(mut self, address: impl Into<String>) -> Self {
+        self.address = address.into();
+        self.target = Target::Server;
+        self
+    }
+
+    /// The head node's pool port (default [`DEFAULT_PORT`]).
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = port;
+        self
+    }
+
+    /// An existing broker by URL (`redis://`, `rediss://`, `amqp://`).
+    pub fn broker(mut self, url: impl Into<String>) -> Self {
+        self.target = Target::Url(url.into());
+        self
+    }
+
+    /// A broker object built by the caller (any [`Broker`] implementation).
+    pub fn broker_instance(mut self, broker: Arc<dyn Broker>) -> Self {
+        self.target = Target::Instance(broker);
+        self
+    }
+
+    /// Embedded mode: no server; worker processes are spawned on this machine from this
+    /// executable (whose `main` must call `Registry::serve_if_worker` first), one per GPU, or
+    /// one per core without GPUs.
+    pub fn local(mut self) -> Self {
+        self.target = Target::Local;
+        self
+    }
+
+    /// Failed attempts (worker process died, node vanished) before a job fails for good
+    /// (default 3). A worker returning `Err` fails the job at once.
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.max_attempts = n.max(1);
+        self
+    }
+
+    /// How long a job's lease (and this pool's session) lives without renewal (default 5 s):
+    /// a node silent this long loses its jobs to other nodes.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease.max(Duration::from_millis(300));
+        self
+    }
+
+    /// Local mode: CPU worker processes when there is no GPU (default: the available cores).
+    pub fn cpu_workers(mut self, n: usize) -> Self {
+        self.cpu_workers = Some(n);
+        self
+    }
+
+    /// Local mode: which GPUs to use (default: all visible).
+    pub fn gpus(mut self, gpus: dc_gpu::GpuSelection) -> Self {
+        self.gpus = gpus;
+        self
+    }
+
+    /// Local mode: worker processes per GPU (default 1; more share the device, no isolation).
+    pub fn workers_per_gpu(mut self, n: usize) -> Self {
+        self.workers_per_gpu = n.max(1);
+        self
+    }
+
+    /// Local mode: run workers from this program (built with a `Registry`) instead of the
+    /// current executable.
+    pub fn worker_program(mut self, path: impl Into<PathBuf>) -> Self {
+        self.worker_program = Some(path.into());
+        self
+    }
+
+    /// Connect: open a session (waiting while another pool is active) and, in local mode,
+    /// start the worker processes.
+    ///
+    /// # Errors
+    /// - [`PoolError::Config`] for a local pool whose program never called `serve_if_worker`,
+    ///   or a target this build has no backend for;
+    /// - [`PoolError::UnknownWorkerKind`] when the local program has no `W::KIND`;
+    /// - [`PoolError::Codec`] when the init data does not encode;
+    /// - [`PoolError::Broker`] when the broker fails.
+    pub async fn connect(self) -> Result<Pool<W>, PoolError> {
+        let init = to_cbor(&self.init).map_err(|e| PoolError::codec("init data", e))?;
+        let spec = SessionSpec {
+            kind: W::KIND.to_string(),
+            init: init.to_vec(),
+            max_attempts: self.max_attempts,
+            lease: self.lease,
+            owner: format!("{} pid {}", host_name(), std::process::id()),
+        };
+        match self.target.clone() {
+            Target::Local => self.connect_local(spec).await,
+            Target::Instance(broker) => {
+                let info = open_session(broker.as_ref(), &spec).await?;
+                Ok(Pool::start(broker, info, None))
+            }
+            Target::Url(url) => Err(PoolError::Config(format!(
+                "no broker backend for {url:?} in this build: network brokers (Redis, RabbitMQ) come with the dc-broker-* crates; use .local() or .broker_instance(..)"
+            ))),
+            Target::Server => Err(PoolError::Config(format!(
+                "no network broker backend in this build to reach a head node at {}:{}: use .local() or .broker_instance(..)",
+                self.address, self.port
+            ))),
+        }
+    }
+
+    async fn connect_local(self, spec: SessionSpec) -> Result<Pool<W>, PoolError> {
+        let (command, kinds) = match &self.worker_program {
+            Some(path) => (WorkerCommand::program(path), vec![W::KIND.to_string()]),
+            None => {
+                let known = registry::local_kinds().ok_or_else(|| {
+                    PoolError::Config(
+                        "a local pool spawns this executable as its workers: call Registry::new().register::<YourWorker>().serve_if_worker() first thing in main".into(),
+                    )
+                })?;
+                if !known.iter().any(|k| k == W::KIND) {
+                    return Err(PoolError::UnknownWorkerKind {
+                        kind: W::KIND.into(),
+                        known: known.to_vec(),
+                    });
+                }
+                let command = WorkerCommand::current_exe().map_err(|e| {
+                    PoolError::Config(format!("cannot find the current executable: {e}"))
+                })?;
+                (command, known.to_vec())
+            }
+        };
+        let slots = local_slots(&self.gpus, self.workers_per_gpu, self.cpu_workers);
+        let broker: Arc<dyn Broker> = Arc::new(LocalBroker::new());
+        let info = open_session(broker.as_ref(), &spec).await?;
+        let mut config = AgentConfig::new(
+            NodeId(format!("local-{}", std::process::id())),
+            command,
+            kinds,
+            slots,
+        );
+        config.heartbeat = (self.lease / 4).min(Duration::from_secs(1));
+        let agent = spawn_agent(broker.clone(), config);
+        Ok(Pool::start(broker, info, Some(agent)))
+    }
+}
+
+/// Worker slots of a local pool: one per GPU (times `per_gpu`), else CPU workers.
+fn local_slots(
+    gpus: &dc_gpu::GpuSelection,
+    per_gpu: usize,
+    cpu_workers: Option<usize>,
+) -> Vec<SlotSpec> {
+    let inventory = dc_gpu::discover(gpus);
+    if !inventory.gpus.is_empty() {
+        return inventory
+            .gpus
+            .iter()
+            .flat_map(|gpu| std::iter::repeat_n(SlotSpec::for_device(Some(gpu)), per_gpu))
+            .collect();
+    }
+    let n = cpu_workers.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    vec![SlotSpec::for_device(None); n.max(1)]
+}
+
+async fn open_session(broker: &dyn Broker, spec: &SessionSpec) -> Result<SessionInfo, PoolError> {
+    let mut waiting = false;
+    loop {
+        if let Some(info) = broker.try_open_session(spec).await? {
+            if waiting {
+                tracing::info!(session = %info.id, "the other pool closed; this one starts");
+            }
+            return Ok(info);
+        }
+        if !waiting {
+            waiting = true;
+            tracing::info!(kind = %spec.kind, "another pool is active on this server; waiting for it to close");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn to_cbor<T: Serialize>(value: &T) -> Result<Bytes, String> {
+    let mut buf = Vec::new();
+    ciborium::into_writer(value, &mut buf).map_err(|e| e.to_string())?;
+    Ok(Bytes::from(buf))
+}
+
+/// What the dispatcher hands to a waiting call.
+#[derive(Debug)]
+enum Delivery {
+    Result { index: usize, result: JobResult },
+    /// The pool cannot go on (closed, session lost, no worker can run it): ends the stream.
+    Abort(PoolError),
+}
+
+#[derive(Debug)]
+struct Route {
+    index: usize,
+    tx: mpsc::UnboundedSender<Delivery>,
+}
+
+/// State shared by the pool handle, its streams and its background tasks.
+#[derive(Debug)]
+struct Shared {
+    broker: Arc<dyn Broker>,
+    session: SessionInfo,
+    next_job: AtomicU64,
+    update_seq: AtomicU64,
+    routes: Mutex<HashMap<JobId, Route>>,
+    closed: AtomicBool,
+}
+
+impl Shared {
+    fn routes(&self) -> std::sync::MutexGuard<'_, HashMap<JobId, Route>> {
+        self.routes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn id(&self) -> &SessionId {
+        &self.session.id
+    }
+
+    /// Hand a result to its caller; a second result for the same job finds no route.
+    fn deliver(&self, result: JobResult) {
+        let route = self.routes().remove(&result.job);
+        match route {
+            Some(route) => {
+                let _ = route.tx.send(Delivery::Result {
+                    index: route.index,
+                    result,
+                });
+            }
+            None => tracing::debug!(job = %result.job, "result for no waiting call (duplicate or dropped stream)"),
+        }
+    }
+
+    fn abort_all(&self, err: &PoolError) {
+        let routes: Vec<Route> = self.routes().drain().map(|(_, r)| r).collect();
+        for route in routes {
+            let _ = route.tx.send(Delivery::Abort(err.clone()));
+        }
+    }
+}
+
+/// A pool of workers of kind `W`: submit jobs, read results, broadcast updates.
+///
+/// `Pool` is `Send + Sync`: share it in an `Arc`; several `map` / `imap_unordered` calls may run
+/// at once, each getting its own results.
+#[derive(Debug)]
+pub struct Pool<W: Worker> {
+    shared: Arc<Shared>,
+    tasks: Vec<JoinHandle<()>>,
+    agent: tokio::sync::Mutex<Option<AgentHandle>>,
+    _worker: PhantomData<fn(W) -> W>,
+}
+
+impl<W: Worker> Pool<W> {
+    /// Start building a pool whose workers are built with `init`.
+    pub fn builder(init: W::Init) -> PoolBuilder<W> {
+        PoolBuilder::new(init)
+    }
+
+    fn start(broker: Arc<dyn Broker>, session: SessionInfo, agent: Option<AgentHandle>) -> Self {
+        tracing::info!(session = %session.id, kind = %session.spec.kind, "pool session open");
+        let shared = Arc::new(Shared {
+            broker,
+            session,
+            next_job: AtomicU64::new(1),
+            update_seq: AtomicU64::new(0),
+            routes: Mutex::new(HashMap::new()),
+            closed: AtomicBool::new(false),
+        });
+        let tasks = vec![
+            tokio::spawn(dispatch_results(shared.clone())),
+            tokio::spawn(keep_alive(shared.clone())),
+        ];
+        Pool {
+            shared,
+            tasks,
+            agent: tokio::sync::Mutex::new(agent),
+            _worker: PhantomData,
+        }
+    }
+
+    /// The session id of this pool (for logs and `dc-cli status`).
+    pub fn session_id(&self) -> &str {
+        &self.shared.id().0
+    }
+
+    fn check_open(&self) -> Result<(), PoolError> {
+        if self.shared.closed.load(Ordering::Acquire) {
+            Err(PoolError::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Run every job; outputs come back in input order.
+    ///
+    /// # Errors
+    /// The first job that failed for good ([`PoolError::Job`] with its index), or a pool-wide
+    /// error (closed, broker lost, no worker can run this kind).
+    pub async fn map<I>(&self, jobs: I) -> Result<Vec<W::Output>, PoolError>
+    where
+        I: IntoIterator<Item = W::Job>,
+        W::Output: Send,
+    {
+        let mut stream = Box::pin(self.imap_unordered(jobs));
+        let mut slots: Vec<Option<W::Output>> = Vec::new();
+        while let Some(item) = stream.next().await {
+            let (index, output) = item?;
+            if slots.len() <= index {
+                slots.resize_with(index + 1, || None);
+            }
+            slots[index] = Some(output);
+        }
+        slots
+            .into_iter()
+            .enumerate()
+            .map(|(i, o)| {
+                o.ok_or_else(|| PoolError::Broker(BrokerError::Protocol(format!("no result for job {i}"))))
+            })
+            .collect()
+    }
+
+    /// Run every job; yields `(index, output)` as results arrive, and a failed job as an
+    /// `Err` item without stopping the rest.
+    ///
+    /// Jobs are encoded now and submitted when the stream is first polled. Dropping the stream
+    /// stops listening; jobs already queued still run.
+    pub fn imap_unordered<I>(
+        &self,
+        jobs: I,
+    ) -> impl Stream<Item = Result<(usize, W::Output), PoolError>> + Send + 'static
+    where
+        I: IntoIterator<Item = W::Job>,
+        W::Output: Send,
+    {
+        let prepared: Vec<Result<Bytes, PoolError>> = jobs
+            .into_iter()
+            .enumerate()
+            .map(|(i, job)| to_cbor(&job).map_err(|e| PoolError::codec(&format!("job {i}"), e)))
+            .collect();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let state = Imap::<W> {
+            shared: self.shared.clone(),
+            prepared: Some(prepared),
+            tx: Some(tx),
+            rx,
+            ready: VecDeque::new(),
+            remaining: 0,
+            ids: Vec::new(),
+            _worker: PhantomData,
+        };
+        futures::stream::unfold(state, |mut st| async move {
+            if let Some(prepared) = st.prepared.take() {
+                st.submit(prepared).await;
+            }
+            if let Some(item) = st.ready.pop_front() {
+                return Some((item, st));
+            }
+            if st.remaining == 0 {
+                return None;
+            }
+            let delivery = st.rx.recv().await?;
+            st.remaining -= 1;
+            let item = match delivery {
+                Delivery::Result { index, result } => decode_result::<W>(index, result),
+                Delivery::Abort(err) => {
+                    st.remaining = 0;
+                    Err(err)
+                }
+            };
+            Some((item, st))
+        })
+    }
+
+    /// Broadcast an update to every worker, in order: each applies it between jobs (at once
+    /// when idle), and workers that start later replay it before their first job. Jobs
+    /// submitted after this call run on workers that applied it.
+    ///
+    /// # Errors
+    /// [`PoolError::Closed`], [`PoolError::PayloadTooLarge`], or a broker error.
+    pub async fn update_workers(&self, update: W::Update) -> Result<(), PoolError> {
+        self.check_open()?;
+        let payload = to_cbor(&update).map_err(|e| PoolError::codec("update", e))?;
+        let limit = self.shared.broker.max_payload();
+        if payload.len() > limit {
+            return Err(PoolError::PayloadTooLarge {
+                size: payload.len(),
+                limit,
+            });
+        }
+        let seq = self
+            .shared
+            .broker
+            .publish_update(self.shared.id(), payload)
+            .await?;
+        self.shared.update_seq.fetch_max(seq, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Worker processes serving this pool now (ready or busy).
+    ///
+    /// # Errors
+    /// [`PoolError::Closed`] or a broker error.
+    pub async fn workers_count(&self) -> Result<usize, PoolError> {
+        self.check_open()?;
+        Ok(self.shared.broker.session_stats(self.shared.id()).await?.workers)
+    }
+
+    /// Nodes (machines) serving this pool now.
+    ///
+    /// # Errors
+    /// [`PoolError::Closed`] or a broker error.
+    pub async fn nodes_count(&self) -> Result<usize, PoolError> {
+        self.check_open()?;
+        Ok(self.shared.broker.session_stats(self.shared.id()).await?.nodes)
+    }
+
+    /// Close the pool: abort active jobs, release the workers (a local pool stops its worker
+    /// processes). Calls still waiting get [`PoolError::Closed`]. Closing twice is fine.
+    ///
+    /// # Errors
+    /// A broker error while closing the session (the pool is closed on this side anyway).
+    pub async fn close(&self) -> Result<(), PoolError> {
+        if self.shared.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        for task in &self.tasks {
+            task.abort();
+        }
+        self.shared.abort_all(&PoolError::Closed);
+        let closed = self.shared.broker.close_session(self.shared.id()).await;
+        if let Some(agent) = self.agent.lock().await.take() {
+            agent.shutdown().await;
+        }
+        tracing::info!(session = %self.shared.id(), "pool closed");
+        closed.map_err(PoolError::from)
+    }
+
+    /// Pids of this local pool's worker processes (empty for a pool on a server).
+    pub async fn local_worker_pids(&self) -> Vec<u32> {
+        self.agent
+            .lock()
+            .await
+            .as_ref()
+            .map(AgentHandle::worker_pids)
+            .unwrap_or_default()
+    }
+}
+
+impl<W: Worker> Drop for Pool<W> {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        if self.shared.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.shared.abort_all(&PoolError::Closed);
+        // Best effort: close the session so the next pool need not wait for it to expire.
+        // A local agent stops by itself once its handle (dropped with us) is gone.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let shared = self.shared.clone();
+            rt.spawn(async move {
+                let _ = shared.broker.close_session(shared.id()).await;
+            });
+        }
+    }
+}
+
+fn decode_result<W: Worker>(
+    index: usize,
+    result: JobResult,
+) -> Result<(usize, W::Output), PoolError> {
+    match result.outcome {
+        JobOutcome::Done(bytes) => ciborium::from_reader::<W::Output, _>(&bytes[..])
+            .map(|out| (index, out))
+            .map_err(|e| PoolError::codec(&format!("output of job {index}"), e)),
+        JobOutcome::Failed {
+            kind,
+            message,
+            history,
+        } => Err(PoolError::Job {
+            index,
+            kind,
+            message,
+            attempts: result.attempts,
+            history,
+        }),
+    }
+}
+
+/// The state of one `imap_unordered` stream.
+struct Imap<W: Worker> {
+    shared: Arc<Shared>,
+    prepared: Option<Vec<Result<Bytes, PoolError>>>,
+    tx: Option<mpsc::UnboundedSender<Delivery>>,
+    rx: mpsc::UnboundedReceiver<Delivery>,
+    ready: VecDeque<Result<(usize, W::Output), PoolError>>,
+    remaining: usize,
+    /// Jobs this stream waits for; their routes go when it is dropped.
+    ids: Vec<JobId>,
+    _worker: PhantomData<fn(W) -> W>,
+}
+
+impl<W: Worker> Imap<W> {
+    async fn submit(&mut self, prepared: Vec<Result<Bytes, PoolError>>) {
+        let Some(tx) = self.tx.take() else { return };
+        if self.shared.closed.load(Ordering::Acquire) {
+            self.ready.push_back(Err(PoolError::Closed));
+            return;
+        }
+        let limit = self.shared.broker.max_payload();
+        let update_seq = self.shared.update_seq.load(Ordering::Acquire);
+        let mut batch = Vec::new();
+        for (index, payload) in prepared.into_iter().enumerate() {
+            let payload = match payload {
+                Ok(p) if p.len() > limit => {
+                    self.ready.push_back(Err(PoolError::PayloadTooLarge {
+                        size: p.len(),
+                        limit,
+                    }));
+                    continue;
+                }
+                Ok(p) => p,
+                Err(e) => {
+                    self.ready.push_back(Err(e));
+                    continue;
+                }
+            };
+            let id = JobId(self.shared.next_job.fetch_add(1, Ordering::Relaxed));
+            self.shared.routes().insert(
+                id,
+                Route {
+                    index,
+                    tx: tx.clone(),
+                },
+            );
+            self.ids.push(id);
+            batch.push(NewJob {
+                id,
+                payload,
+                update_seq,
+            });
+        }
+        let total = batch.len();
+        while !batch.is_empty() {
+            let rest = batch.split_off(batch.len().min(SUBMIT_BATCH));
+            if let Err(e) = self.shared.broker.submit(self.shared.id(), batch).await {
+                self.ready.push_back(Err(e.into()));
+                return;
+            }
+            batch = rest;
+        }
+        self.remaining = total;
+    }
+}
+
+impl<W: Worker> Drop for Imap<W> {
+    fn drop(&mut self) {
+        if self.remaining == 0 || self.ids.is_empty() {
+            return;
+        }
+        let mut routes = self.shared.routes();
+        for id in &self.ids {
+            routes.remove(id);
+        }
+    }
+}
+
+/// Read results from the broker and hand each to the call waiting for it.
+async fn dispatch_results(shared: Arc<Shared>) {
+    let mut failures = 0u32;
+    loop {
+        match shared
+            .broker
+            .take_results(shared.id(), 4096, Duration::from_millis(500))
+            .await
+        {
+            Ok(results) => {
+                failures = 0;
+                for result in results {
+                    shared.deliver(result);
+                }
+            }
+            Err(BrokerError::SessionGone(s)) => {
+                tracing::error!(session = %s, "pool session lost");
+                shared.abort_all(&PoolError::Broker(BrokerError::SessionGone(s)));
+                return;
+            }
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(error = %e, "reading results failed; retrying");
+                tokio::time::sleep(Duration::from_millis((100u64 << failures.min(5)).min(3_000)))
+                    .await;
+            }
+        }
+    }
+}
+
+/// Keep the session alive, reap expired leases, and notice when no node can run this pool.
+async fn keep_alive(shared: Arc<Shared>) {
+    let period = shared.session.spec.lease / 4;
+    loop {
+        tokio::time::sleep(period).await;
+        match shared.broker.keep_session_alive(shared.id()).await {
+            Ok(SessionState::Active) => {}
+            Ok(SessionState::Gone) => {
+                tracing::error!(session = %shared.id(), "pool session is gone from the broker");
+                shared.abort_all(&PoolError::Broker(BrokerError::SessionGone(
+                    shared.id().to_string(),
+                )));
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "session keep-alive failed");
+                continue;
+            }
+        }
+        if let Err(e) = shared.broker.reap_expired().await {
+            tracing::debug!(error = %e, "reaping expired leases failed");
+        }
+        if shared.routes().is_empty() {
+            continue;
+        }
+        let Ok(stats) = shared.broker.session_stats(shared.id()).await else {
+            continue;
+        };
+        if stats.workers > 0 || stats.starting > 0 || stats.problems.is_empty() {
+            continue;
+        }
+        // Jobs wait, no worker serves or starts, and nodes said why: tell the callers.
+        let kind = shared.session.spec.kind.clone();
+        let err = stats
+            .problems
+            .iter()
+            .find_map(|p| match p {
+                NodeProblem::UnknownKind { known, .. } => Some(PoolError::UnknownWorkerKind {
+                    kind: kind.clone(),
+                    known: known.clone(),
+                }),
+                _ => None,
+            })
+            .or_else(|| {
+                stats.problems.iter().find_map(|p| match p {
+                    NodeProblem::InitFailed {
+                        worker, message, ..
+                    } => Some(PoolError::WorkerInit(format!("{worker}: {message}"))),
+                    _ => None,
+                })
+            });
+        if let Some(err) = err {
+            tracing::error!("{err}");
+            shared.abort_all(&err);
+        }
+    }
+}

@@ -1,0 +1,228 @@
+//! Spawning isolated worker processes, and stopping them.
+//!
+//! Every worker process gets its own process group (so a stop reaches the grandchildren a
+//! user's code starts, such as data loaders), a parent-death signal (so a node killed by SIGKILL
+//! leaves no worker holding GPU memory), and one end of a Unix socket as file descriptor
+//! [`CHANNEL_FD`]: the dedicated channel for protocol frames, since user code prints to stdout.
+//!
+//! `PR_SET_PDEATHSIG` fires when the *thread* that forked the child exits, not the process, so
+//! all spawns go through one long-lived supervisor thread that never exits.
+
+use std::ffi::OsString;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use nix::sys::signal::killpg;
+pub use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+use tokio::process::{Child, Command};
+
+/// The file descriptor on which a worker process finds its protocol channel.
+pub const CHANNEL_FD: i32 = 3;
+/// Environment variable telling a worker process which descriptor holds its channel.
+pub const CHANNEL_FD_ENV: &str = "DC_WORKER_FD";
+
+/// What to start: program, arguments and the extra environment of one worker process.
+#[derive(Debug, Clone)]
+pub struct SpawnSpec {
+    /// The executable (by default the node's own executable).
+    pub program: PathBuf,
+    /// Its arguments (for a Rust node binary: the hidden worker sub-command).
+    pub args: Vec<OsString>,
+    /// Variables added to the inherited environment (device isolation, worker identity).
+    pub env: Vec<(String, String)>,
+}
+
+/// A spawned worker process and the agent's end of its protocol channel.
+#[derive(Debug)]
+pub struct SpawnedWorker {
+    /// The child; its stdout and stderr are piped for the agent to forward.
+    pub child: Child,
+    /// The child's pid, which is also its process group id.
+    pub pid: u32,
+    /// The agent's end of the protocol channel.
+    pub channel: UnixStream,
+}
+
+struct SpawnRequest {
+    spec: SpawnSpec,
+    runtime: tokio::runtime::Handle,
+    reply: mpsc::SyncSender<io::Result<SpawnedWorker>>,
+}
+
+fn supervisor() -> io::Result<&'static mpsc::Sender<SpawnRequest>> {
+    static SUPERVISOR: OnceLock<mpsc::Sender<SpawnRequest>> = OnceLock::new();
+    if let Some(tx) = SUPERVISOR.get() {
+        return Ok(tx);
+    }
+    let (tx, rx) = mpsc::channel::<SpawnRequest>();
+    // The thread lives as long as the process: the statics keep the sender alive forever.
+    std::thread::Builder::new()
+        .name("dc-spawn-supervisor".into())
+        .spawn(move || {
+            for req in rx {
+                let _guard = req.runtime.enter();
+                let _ = req.reply.send(spawn_here(req.spec));
+            }
+        })?;
+    // A racing caller may have installed its own sender first; either thread works, and the
+    // loser's thread ends once its sender (dropped here) is gone.
+    Ok(SUPERVISOR.get_or_init(|| tx))
+}
+
+/// Spawn one isolated worker process from the supervisor thread.
+///
+/// The child gets: its own process group, `PR_SET_PDEATHSIG = SIGKILL`, stdin from `/dev/null`,
+/// piped stdout and stderr, and the channel on descriptor [`CHANNEL_FD`] (announced in
+/// [`CHANNEL_FD_ENV`]).
+///
+/// # Errors
+/// When the program cannot be started (missing, not executable) or the socket pair fails.
+pub async fn spawn_isolated(spec: SpawnSpec) -> io::Result<SpawnedWorker> {
+    let runtime = tokio::runtime::Handle::current();
+    let (reply, rx) = mpsc::sync_channel(1);
+    supervisor()?
+        .send(SpawnRequest {
+            spec,
+            runtime,
+            reply,
+        })
+        .map_err(|_| io::Error::other("spawn supervisor thread is gone"))?;
+    tokio::task::spawn_blocking(move || {
+        rx.recv()
+            .unwrap_or_else(|_| Err(io::Error::other("spawn supervisor thread is gone")))
+    })
+    .await
+    .map_err(io::Error::other)?
+}
+
+fn spawn_here(spec: SpawnSpec) -> io::Result<SpawnedWorker> {
+    let (ours, theirs) = UnixStream::pair()?;
+    let theirs: OwnedFd = theirs.into();
+    let child_fd = theirs.as_raw_fd();
+    let parent_pid = std::process::id() as libc::pid_t;
+
+    let mut cmd = Command::new(&spec.program);
+    cmd.args(&spec.args)
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .env(CHANNEL_FD_ENV, CHANNEL_FD.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    // SAFETY: the closure runs in the forked child before exec and only makes
+    // async-signal-safe system calls (prctl, getppid, dup2, fcntl, _exit); it allocates nothing.
+    #[allow(unsafe_code)]
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The parent may have died between fork and prctl: then nobody would signal us.
+            if libc::getppid() != parent_pid {
+                libc::_exit(1);
+            }
+            if child_fd == CHANNEL_FD {
+                // Same number: only the close-on-exec flag must go.
+                let flags = libc::fcntl(child_fd, libc::F_GETFD);
+                if flags < 0 || libc::fcntl(child_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+            } else if libc::dup2(child_fd, CHANNEL_FD) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn()?;
+    drop(theirs);
+    let pid = child
+        .id()
+        .ok_or_else(|| io::Error::other("worker process exited before its pid was read"))?;
+    Ok(SpawnedWorker {
+        child,
+        pid,
+        channel: ours,
+    })
+}
+
+/// Send `signal` to the whole process group led by `pid`. A group that is already gone is fine.
+pub fn signal_group(pid: u32, signal: Signal) {
+    let Ok(raw) = i32::try_from(pid) else { return };
+    let _ = killpg(Pid::from_raw(raw), signal);
+}
+
+/// Stop a worker process: SIGTERM to its group, up to `grace` to exit, then SIGKILL to the
+/// group, and reap it. Returns how it ended.
+///
+/// # Errors
+/// Only when waiting for the child fails at the OS level.
+pub async fn stop_group(child: &mut Child, grace: Duration) -> io::Result<ExitStatus> {
+    let pid = child.id();
+    if let Some(pid) = pid {
+        signal_group(pid, Signal::SIGTERM);
+        if let Ok(status) = tokio::time::timeout(grace, child.wait()).await {
+            // The leader is gone; grandchildren in its group may not be.
+            signal_group(pid, Signal::SIGKILL);
+            return status;
+        }
+        signal_group(pid, Signal::SIGKILL);
+    }
+    child.wait().await
+}
+
+/// How a process ended, in words: "exited with code 3", "killed by signal 9 (SIGKILL)".
+pub fn describe_exit(status: &ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    if let Some(code) = status.code() {
+        return format!("exited with code {code}");
+    }
+    match status.signal() {
+        Some(sig) => {
+            let name = Signal::try_from(sig)
+                .map(|s| s.as_str().to_string())
+                .unwrap_or_else(|_| "unknown".into());
+            let core = if status.core_dumped() {
+                ", core dumped"
+            } else {
+                ""
+            };
+            format!("killed by signal {sig} ({name}{core})")
+        }
+        None => format!("ended ({status})"),
+    }
+}
+
+/// In a worker process: adopt the protocol channel its agent passed on [`CHANNEL_FD`].
+///
+/// Returns `None` when this process was not started as a worker (no [`CHANNEL_FD_ENV`], or the
+/// descriptor is not a socket), and on every call after the first.
+pub fn take_inherited_channel() -> Option<UnixStream> {
+    static TAKEN: AtomicBool = AtomicBool::new(false);
+    let fd: i32 = std::env::var(CHANNEL_FD_ENV).ok()?.parse().ok()?;
+    let stat = nix::sys::stat::fstat(fd).ok()?;
+    if stat.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return None;
+    }
+    if TAKEN.swap(true, Ordering::SeqCst) {
+        return None;
+    }
+    // SAFETY: the descriptor was checked to be an open socket, and the flag above makes this the
+    // only place that ever takes ownership of it.
+    #[allow(unsafe_code)]
+    let stream = unsafe { <UnixStream as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let _ = nix::fcntl::fcntl(
+        stream.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    );
+    Some(stream)
+}
