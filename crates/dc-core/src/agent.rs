@@ -19,7 +19,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::broker::{
-    AttemptEnd, Broker, LeasedJob, Lease, NodeId, NodeProblem, NodeStatus, SessionId, SessionInfo,
+    AttemptEnd, Broker, Lease, LeasedJob, NodeId, NodeProblem, NodeStatus, SessionId, SessionInfo,
     UpdateSeq, WorkerId, WorkerState, WorkerStatus,
 };
 use crate::error::{BrokerError, JobFailure};
@@ -408,7 +408,8 @@ impl UpdateLog {
                     entries.push(payload);
                 }
             }
-            self.len.store(entries.len() as UpdateSeq, Ordering::Release);
+            self.len
+                .store(entries.len() as UpdateSeq, Ordering::Release);
             if got == 0 {
                 return match need {
                     Some(n) if (entries.len() as UpdateSeq) < n => Err(BrokerError::Protocol(
@@ -467,7 +468,13 @@ async fn run_slot(
                 tracing::error!(worker = %worker_id, kind = %info.spec.kind, ?known, "worker program has no such kind");
                 let _ = shared
                     .broker
-                    .report_problem(&info.id, NodeProblem::UnknownKind { node: node.clone(), known })
+                    .report_problem(
+                        &info.id,
+                        NodeProblem::UnknownKind {
+                            node: node.clone(),
+                            known,
+                        },
+                    )
                     .await;
                 break;
             }
@@ -495,7 +502,16 @@ async fn run_slot(
         init_failures = 0;
         lock(&shared.pids).insert(slot, proc.pid);
         shared.set_state(slot, Some(&info.id), WorkerState::Idle);
-        let exit = serve_jobs(&shared, &info, slot, &worker_id, &log, &mut proc, &mut cancel).await;
+        let exit = serve_jobs(
+            &shared,
+            &info,
+            slot,
+            &worker_id,
+            &log,
+            &mut proc,
+            &mut cancel,
+        )
+        .await;
         lock(&shared.pids).remove(&slot);
         match exit {
             SlotExit::Done => {
@@ -925,7 +941,10 @@ impl WorkerProc {
     /// Ask the worker to exit; TERM then KILL its group if it does not.
     async fn stop(mut self, grace: Duration) {
         let _ = protocol::write_frame(&mut self.writer, &ToWorker::Shutdown).await;
-        if tokio::time::timeout(grace, self.child.wait()).await.is_err() {
+        if tokio::time::timeout(grace, self.child.wait())
+            .await
+            .is_err()
+        {
             let _ = dc_gpu::proc::stop_group(&mut self.child, grace).await;
         }
         // Grandchildren of a clean exit may linger in the group.

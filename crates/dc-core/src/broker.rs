@@ -206,7 +206,11 @@ pub struct AttemptRecord {
 
 impl fmt::Display for AttemptRecord {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "attempt {} on {}: {}", self.attempt, self.worker, self.end)
+        write!(
+            f,
+            "attempt {} on {}: {}",
+            self.attempt, self.worker, self.end
+        )
     }
 }
 
@@ -360,8 +364,10 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
     // ---- pool side -------------------------------------------------------------------------
 
     /// Open a session if none is active; `Ok(None)` when another one is.
-    async fn try_open_session(&self, spec: &SessionSpec)
-    -> Result<Option<SessionInfo>, BrokerError>;
+    async fn try_open_session(
+        &self,
+        spec: &SessionSpec,
+    ) -> Result<Option<SessionInfo>, BrokerError>;
     /// Keep the session alive (the pool calls this every fraction of the lease).
     async fn keep_session_alive(&self, session: &SessionId) -> Result<SessionState, BrokerError>;
     /// Close it: drop its queue, results and log; nodes stop its workers.
@@ -401,7 +407,8 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
         problem: NodeProblem,
     ) -> Result<(), BrokerError>;
     /// Lease the next job for `worker` on `node`, waiting up to `wait` (returns early with
-    /// `None` when an update is published, so idle workers apply it at once).
+    /// `None` when an update is published, so idle workers apply it sooner; backends that cannot
+    /// watch both may wait the full `wait`).
     ///
     /// # Errors
     /// [`BrokerError::SessionGone`] once the session closed.

@@ -24,7 +24,7 @@ const LOCAL_MAX_PAYLOAD: usize = crate::protocol::MAX_FRAME - 4096;
 /// # Examples
 /// ```
 /// use std::sync::Arc;
-/// use distributed_computing::{Broker, LocalBroker};
+/// use dc_core::{Broker, LocalBroker};
 ///
 /// let broker: Arc<dyn Broker> = Arc::new(LocalBroker::new());
 /// assert!(broker.max_payload() > 1 << 20);
@@ -388,9 +388,7 @@ impl Broker for LocalBroker {
             let serving = mine()
                 .filter(|w| matches!(w.state, WorkerState::Idle | WorkerState::Busy))
                 .count();
-            stats.starting += mine()
-                .filter(|w| w.state == WorkerState::Starting)
-                .count();
+            stats.starting += mine().filter(|w| w.state == WorkerState::Starting).count();
             if serving > 0 {
                 stats.nodes += 1;
                 stats.workers += serving;
@@ -475,9 +473,9 @@ impl Broker for LocalBroker {
                     .jobs
                     .iter()
                     .filter_map(|(id, j)| match &j.state {
-                        JobState::Leased { node: n, worker, .. } if n == node => {
-                            Some((*id, j.attempt, worker.clone()))
-                        }
+                        JobState::Leased {
+                            node: n, worker, ..
+                        } if n == node => Some((*id, j.attempt, worker.clone())),
                         _ => None,
                     })
                     .collect();

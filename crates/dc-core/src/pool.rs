@@ -46,7 +46,7 @@ enum Target {
 ///
 /// # Examples
 /// ```no_run
-/// # use distributed_computing::{Pool, Worker, WorkerContext, BoxError};
+/// # use dc_core::{Pool, Worker, WorkerContext, BoxError};
 /// # struct Sweep;
 /// # impl Worker for Sweep {
 /// #     const KIND: &'static str = "sweep";
@@ -54,13 +54,12 @@ enum Target {
 /// #     fn new(_: (), _: &WorkerContext) -> Result<Self, BoxError> { Ok(Sweep) }
 /// #     fn run(&mut self, j: u32) -> Result<u32, BoxError> { Ok(j) }
 /// # }
-/// # async fn demo() -> Result<(), distributed_computing::PoolError> {
+/// # async fn demo() -> Result<(), dc_core::PoolError> {
 /// let pool = Pool::<Sweep>::builder(()).local().cpu_workers(2).connect().await?;
 /// assert_eq!(pool.map(vec![1, 2, 3]).await?, vec![1, 2, 3]);
 /// pool.close().await?;
 /// # Ok(()) }
 /// ```
-#[derive(Debug)]
 #[must_use = "a builder does nothing until `connect`"]
 pub struct PoolBuilder<W: Worker> {
     init: W::Init,
@@ -74,6 +73,19 @@ pub struct PoolBuilder<W: Worker> {
     gpus: dc_gpu::GpuSelection,
     workers_per_gpu: usize,
     worker_program: Option<PathBuf>,
+}
+
+impl<W: Worker> std::fmt::Debug for PoolBuilder<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PoolBuilder")
+            .field("kind", &W::KIND)
+            .field("target", &self.target)
+            .field("address", &self.address)
+            .field("port", &self.port)
+            .field("max_attempts", &self.max_attempts)
+            .field("lease", &self.lease)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<W: Worker> PoolBuilder<W> {
@@ -289,7 +301,10 @@ fn to_cbor<T: Serialize>(value: &T) -> Result<Bytes, String> {
 /// What the dispatcher hands to a waiting call.
 #[derive(Debug)]
 enum Delivery {
-    Result { index: usize, result: JobResult },
+    Result {
+        index: usize,
+        result: JobResult,
+    },
     /// The pool cannot go on (closed, session lost, no worker can run it): ends the stream.
     Abort(PoolError),
 }
@@ -330,7 +345,9 @@ impl Shared {
                     result,
                 });
             }
-            None => tracing::debug!(job = %result.job, "result for no waiting call (duplicate or dropped stream)"),
+            None => {
+                tracing::debug!(job = %result.job, "result for no waiting call (duplicate or dropped stream)")
+            }
         }
     }
 
@@ -346,12 +363,21 @@ impl Shared {
 ///
 /// `Pool` is `Send + Sync`: share it in an `Arc`; several `map` / `imap_unordered` calls may run
 /// at once, each getting its own results.
-#[derive(Debug)]
 pub struct Pool<W: Worker> {
     shared: Arc<Shared>,
     tasks: Vec<JoinHandle<()>>,
     agent: tokio::sync::Mutex<Option<AgentHandle>>,
     _worker: PhantomData<fn(W) -> W>,
+}
+
+impl<W: Worker> std::fmt::Debug for Pool<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("kind", &W::KIND)
+            .field("session", &self.shared.session.id)
+            .field("closed", &self.shared.closed.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
 }
 
 impl<W: Worker> Pool<W> {
@@ -418,7 +444,9 @@ impl<W: Worker> Pool<W> {
             .into_iter()
             .enumerate()
             .map(|(i, o)| {
-                o.ok_or_else(|| PoolError::Broker(BrokerError::Protocol(format!("no result for job {i}"))))
+                o.ok_or_else(|| {
+                    PoolError::Broker(BrokerError::Protocol(format!("no result for job {i}")))
+                })
             })
             .collect()
     }
@@ -506,7 +534,12 @@ impl<W: Worker> Pool<W> {
     /// [`PoolError::Closed`] or a broker error.
     pub async fn workers_count(&self) -> Result<usize, PoolError> {
         self.check_open()?;
-        Ok(self.shared.broker.session_stats(self.shared.id()).await?.workers)
+        Ok(self
+            .shared
+            .broker
+            .session_stats(self.shared.id())
+            .await?
+            .workers)
     }
 
     /// Nodes (machines) serving this pool now.
@@ -515,7 +548,12 @@ impl<W: Worker> Pool<W> {
     /// [`PoolError::Closed`] or a broker error.
     pub async fn nodes_count(&self) -> Result<usize, PoolError> {
         self.check_open()?;
-        Ok(self.shared.broker.session_stats(self.shared.id()).await?.nodes)
+        Ok(self
+            .shared
+            .broker
+            .session_stats(self.shared.id())
+            .await?
+            .nodes)
     }
 
     /// Close the pool: abort active jobs, release the workers (a local pool stops its worker
@@ -693,8 +731,10 @@ async fn dispatch_results(shared: Arc<Shared>) {
             Err(e) => {
                 failures += 1;
                 tracing::warn!(error = %e, "reading results failed; retrying");
-                tokio::time::sleep(Duration::from_millis((100u64 << failures.min(5)).min(3_000)))
-                    .await;
+                tokio::time::sleep(Duration::from_millis(
+                    (100u64 << failures.min(5)).min(3_000),
+                ))
+                .await;
             }
         }
     }

@@ -267,8 +267,7 @@ mod tests {
             u32::from_be_bytes([frame[0], frame[1], frame[2], frame[3]]) as usize,
             frame.len() - 4
         );
-        let back: ToWorker<'static> =
-            read_frame_blocking(&mut &frame[..]).expect("decode");
+        let back: ToWorker<'static> = read_frame_blocking(&mut &frame[..]).expect("decode");
         assert_eq!(back, msg);
     }
 

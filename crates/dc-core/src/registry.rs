@@ -23,7 +23,7 @@ pub(crate) fn local_kinds() -> Option<&'static [String]> {
 ///
 /// # Examples
 /// ```
-/// use distributed_computing::{BoxError, Registry, Worker, WorkerContext};
+/// use dc_core::{BoxError, Registry, Worker, WorkerContext};
 ///
 /// struct Echo;
 /// impl Worker for Echo {
@@ -64,7 +64,9 @@ impl Registry {
     /// When another type already registered the same `KIND`: two types under one name would
     /// make jobs land on the wrong code.
     pub fn register<W: Worker>(mut self) -> Self {
-        let previous = self.kinds.insert(W::KIND, Box::new(Kind::<W>(Default::default())));
+        let previous = self
+            .kinds
+            .insert(W::KIND, Box::new(Kind::<W>(Default::default())));
         assert!(
             previous.is_none(),
             "worker kind {:?} registered twice",
@@ -83,7 +85,7 @@ impl Registry {
     ///
     /// # Examples
     /// ```no_run
-    /// # use distributed_computing::Registry;
+    /// # use dc_core::Registry;
     /// fn main() {
     ///     Registry::new() /* .register::<MyWorker>() */ .serve_if_worker();
     ///     // ... the program: open a local pool, run jobs.
@@ -187,7 +189,10 @@ impl Registry {
                             job_id,
                             payload: output,
                         },
-                        Ok(Err(JobFail { message, undecodable })) => FromWorker::JobError {
+                        Ok(Err(JobFail {
+                            message,
+                            undecodable,
+                        })) => FromWorker::JobError {
                             job_id,
                             message,
                             undecodable,

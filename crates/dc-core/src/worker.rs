@@ -13,7 +13,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 ///
 /// # Examples
 /// ```
-/// use distributed_computing::{BoxError, Worker, WorkerContext};
+/// use dc_core::{BoxError, Worker, WorkerContext};
 ///
 /// struct Doubler { factor: i64 }
 ///

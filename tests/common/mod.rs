@@ -1,0 +1,233 @@
+//! Shared fixtures of the integration tests: a probe worker whose jobs report what the worker
+//! process saw, or misbehave on purpose (fail, abort, speak garbage), and a tiny test runner.
+#![allow(dead_code, unreachable_pub, missing_docs)]
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use distributed_computing::{BoxError, Registry, Worker, WorkerContext};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProbeInit {
+    pub tag: String,
+    pub fail_init: bool,
+}
+
+impl ProbeInit {
+    pub fn tagged(tag: &str) -> Self {
+        ProbeInit {
+            tag: tag.into(),
+            fail_init: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ProbeJob {
+    /// Return the value, and what the worker saw.
+    Echo(i64),
+    /// Sleep, then echo.
+    SleepEcho(u64, i64),
+    /// The worker returns an error with this message.
+    Fail(String),
+    /// The worker process aborts (SIGABRT), every time.
+    Abort,
+    /// The worker process aborts the first time (leaving a marker file), then echoes.
+    AbortOnce(PathBuf, i64),
+    /// The worker writes a garbage length prefix on its protocol channel, then waits.
+    GarbageFrame,
+    /// The worker writes a well-framed but undecodable message, then waits.
+    BadCbor,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeOut {
+    pub value: i64,
+    pub tag: String,
+    pub pid: u32,
+    pub worker_id: String,
+    pub updates: Vec<i64>,
+    pub cuda_visible_devices: Option<String>,
+    pub cuda_device_order: Option<String>,
+    pub devices: Vec<String>,
+}
+
+pub struct Probe {
+    init: ProbeInit,
+    ctx: WorkerContext,
+    updates: Vec<i64>,
+}
+
+impl Worker for Probe {
+    const KIND: &'static str = "probe";
+    type Init = ProbeInit;
+    type Job = ProbeJob;
+    type Output = ProbeOut;
+    type Update = i64;
+
+    fn new(init: ProbeInit, ctx: &WorkerContext) -> Result<Self, BoxError> {
+        if init.fail_init {
+            return Err(format!("cannot load the model for {}", init.tag).into());
+        }
+        Ok(Probe {
+            init,
+            ctx: ctx.clone(),
+            updates: Vec::new(),
+        })
+    }
+
+    fn run(&mut self, job: ProbeJob) -> Result<ProbeOut, BoxError> {
+        let value = match job {
+            ProbeJob::Echo(v) => v,
+            ProbeJob::SleepEcho(ms, v) => {
+                std::thread::sleep(Duration::from_millis(ms));
+                v
+            }
+            ProbeJob::Fail(message) => return Err(message.into()),
+            ProbeJob::Abort => {
+                eprintln!("probe: about to abort");
+                std::process::abort()
+            }
+            ProbeJob::AbortOnce(marker, v) => {
+                if std::fs::create_dir(&marker).is_ok() {
+                    eprintln!("probe: aborting once");
+                    std::process::abort()
+                }
+                v
+            }
+            ProbeJob::GarbageFrame => {
+                write_on_channel(r"\377\377\377\377garbage");
+                std::thread::sleep(Duration::from_secs(30));
+                -1
+            }
+            ProbeJob::BadCbor => {
+                write_on_channel(r"\000\000\000\003\377\000\023");
+                std::thread::sleep(Duration::from_secs(30));
+                -1
+            }
+        };
+        Ok(ProbeOut {
+            value,
+            tag: self.init.tag.clone(),
+            pid: std::process::id(),
+            worker_id: self.ctx.worker_id().to_string(),
+            updates: self.updates.clone(),
+            cuda_visible_devices: std::env::var("CUDA_VISIBLE_DEVICES").ok(),
+            cuda_device_order: std::env::var("CUDA_DEVICE_ORDER").ok(),
+            devices: self.ctx.devices().to_vec(),
+        })
+    }
+
+    fn handle_update(&mut self, update: i64) -> Result<(), BoxError> {
+        self.updates.push(update);
+        Ok(())
+    }
+}
+
+/// Write raw bytes (printf escapes) on this worker's protocol channel, through a shell that
+/// inherits a duplicate of it: what a buggy or hostile worker could do.
+fn write_on_channel(printf_escapes: &str) {
+    let fd = nix::unistd::dup(3).expect("dup the protocol channel");
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("printf '{printf_escapes}' >&{fd}"))
+        .status()
+        .expect("run sh");
+    assert!(status.success());
+}
+
+/// A worker type no registry of the tests has.
+pub struct Unregistered;
+
+impl Worker for Unregistered {
+    const KIND: &'static str = "unregistered";
+    type Init = ();
+    type Job = ();
+    type Output = ();
+    type Update = ();
+    fn new(_: (), _: &WorkerContext) -> Result<Self, BoxError> {
+        Ok(Unregistered)
+    }
+    fn run(&mut self, _: ()) -> Result<(), BoxError> {
+        Ok(())
+    }
+}
+
+pub fn registry() -> Registry {
+    Registry::new().register::<Probe>()
+}
+
+pub type TestResult = Result<(), libtest_mimic::Failed>;
+
+/// Run an async test body on its own runtime, failing it after `limit`.
+pub fn run_async<F, Fut>(limit: Duration, body: F) -> TestResult
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = TestResult>,
+{
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("runtime: {e}"))?;
+    rt.block_on(async {
+        match tokio::time::timeout(limit, body()).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("test timed out after {limit:?}").into()),
+        }
+    })
+}
+
+/// Poll `f` until it returns true or `limit` passes.
+pub async fn eventually<F, Fut>(limit: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// Whether a process is gone (a zombie counts as gone: it runs nothing and holds no memory).
+pub fn process_is_gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .map(|(_, rest)| {
+                rest.trim_start().starts_with('Z') || rest.trim_start().starts_with('X')
+            })
+            .unwrap_or(false),
+    }
+}
+
+pub fn distinct<T: std::hash::Hash + Eq + Clone>(items: impl IntoIterator<Item = T>) -> usize {
+    items.into_iter().collect::<HashSet<T>>().len()
+}
+
+/// `assert!` for test bodies returning `TestResult`.
+#[macro_export]
+macro_rules! check {
+    ($cond:expr, $($msg:tt)+) => {
+        if !$cond {
+            return Err(format!("{} (at {}:{})", format!($($msg)+), file!(), line!()).into());
+        }
+    };
+}
+
+/// One libtest trial per async test fn, each on its own runtime with a time limit.
+#[macro_export]
+macro_rules! trials {
+    ($limit:expr; $($name:ident),* $(,)?) => {
+        vec![$(libtest_mimic::Trial::test(stringify!($name), || common::run_async($limit, $name))),*]
+    };
+}
