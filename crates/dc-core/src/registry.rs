@@ -139,43 +139,38 @@ impl Registry {
                 kinds: self.kinds(),
             },
         )?;
-        let mut worker = loop {
-            match protocol::read_frame_blocking::<ToWorker<'static>>(reader)? {
-                ToWorker::Init {
-                    kind,
-                    init,
-                    node_id,
-                    worker_id,
-                    slot,
-                    devices,
-                } => {
-                    let Some(entry) = self.kinds.get(kind.as_str()) else {
-                        let known = self.kinds();
-                        protocol::write_frame_blocking(writer, &FromWorker::UnknownKind { known })?;
-                        return Ok(4);
-                    };
-                    let ctx = WorkerContext::new(node_id, worker_id, slot as usize, devices);
-                    match guarded(|| entry.build(&init, &ctx)) {
-                        Ok(worker) => {
-                            protocol::write_frame_blocking(writer, &FromWorker::Ready)?;
-                            break worker;
-                        }
-                        Err(message) => {
-                            protocol::write_frame_blocking(
-                                writer,
-                                &FromWorker::InitError { message },
-                            )?;
-                            return Ok(5);
-                        }
+        let mut worker = match protocol::read_frame_blocking::<ToWorker<'static>>(reader)? {
+            ToWorker::Init {
+                kind,
+                init,
+                node_id,
+                worker_id,
+                slot,
+                devices,
+            } => {
+                let Some(entry) = self.kinds.get(kind.as_str()) else {
+                    let known = self.kinds();
+                    protocol::write_frame_blocking(writer, &FromWorker::UnknownKind { known })?;
+                    return Ok(4);
+                };
+                let ctx = WorkerContext::new(node_id, worker_id, slot as usize, devices);
+                match guarded(|| entry.build(&init, &ctx)) {
+                    Ok(worker) => {
+                        protocol::write_frame_blocking(writer, &FromWorker::Ready)?;
+                        worker
+                    }
+                    Err(message) => {
+                        protocol::write_frame_blocking(writer, &FromWorker::InitError { message })?;
+                        return Ok(5);
                     }
                 }
-                ToWorker::Shutdown => return Ok(0),
-                other => {
-                    return Err(FrameError::Decode(format!(
-                        "expected Init first, got {}",
-                        variant_name(&other)
-                    )));
-                }
+            }
+            ToWorker::Shutdown => return Ok(0),
+            other => {
+                return Err(FrameError::Decode(format!(
+                    "expected Init first, got {}",
+                    variant_name(&other)
+                )));
             }
         };
         loop {
