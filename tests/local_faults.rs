@@ -58,11 +58,16 @@ async fn owner() -> TestResult {
     let outs = pool.map((0..8).map(|i| ProbeJob::SleepEcho(30, i))).await?;
     let pids: HashSet<u32> = outs.iter().map(|o| o.pid).collect();
     let listed: HashSet<u32> = pool.local_worker_pids().await.into_iter().collect();
-    check!(pids == listed, "job pids {pids:?} != worker pids {listed:?}");
+    check!(
+        pids == listed,
+        "job pids {pids:?} != worker pids {listed:?}"
+    );
     let line: Vec<String> = pids.iter().map(u32::to_string).collect();
     println!("PIDS {}", line.join(" "));
     // Busy until killed.
-    let _ = pool.map((0..10_000).map(|i| ProbeJob::SleepEcho(200, i))).await;
+    let _ = pool
+        .map((0..10_000).map(|i| ProbeJob::SleepEcho(200, i)))
+        .await;
     Ok(())
 }
 
@@ -87,25 +92,52 @@ async fn aborting_job_is_retried_then_fails_with_attempts() -> TestResult {
             Err(e) => failures.push(e),
         }
     }
-    check!(ok == (1..20).collect::<HashSet<usize>>(), "healthy jobs delivered: {ok:?}");
+    check!(
+        ok == (1..20).collect::<HashSet<usize>>(),
+        "healthy jobs delivered: {ok:?}"
+    );
     match &failures[..] {
-        [PoolError::Job { index: 0, kind: JobFailure::Exhausted, message, attempts: 3, history }] => {
-            check!(message.contains("SIGABRT"), "the error says how it died: {message}");
-            check!(message.contains("about to abort"), "the error shows its last output: {message}");
+        [
+            PoolError::Job {
+                index: 0,
+                kind: JobFailure::Exhausted,
+                message,
+                attempts: 3,
+                history,
+            },
+        ] => {
+            check!(
+                message.contains("SIGABRT"),
+                "the error says how it died: {message}"
+            );
+            check!(
+                message.contains("about to abort"),
+                "the error shows its last output: {message}"
+            );
             check!(history.len() == 3, "history {history:?}");
             for (n, record) in history.iter().enumerate() {
-                check!(record.attempt == n as u32 + 1, "attempt numbers {history:?}");
+                check!(
+                    record.attempt == n as u32 + 1,
+                    "attempt numbers {history:?}"
+                );
                 check!(
                     matches!(&record.end, AttemptEnd::ProcessDied { how, .. } if how.contains("signal 6")),
-                    "attempt {} ended {:?}", record.attempt, record.end
+                    "attempt {} ended {:?}",
+                    record.attempt,
+                    record.end
                 );
             }
         }
-        other => return Err(format!("expected job 0 to fail after 3 attempts, got {other:?}").into()),
+        other => {
+            return Err(format!("expected job 0 to fail after 3 attempts, got {other:?}").into());
+        }
     }
     // Later jobs still run on restarted workers.
     let outs = pool.map((0..6).map(ProbeJob::Echo)).await?;
-    check!(outs.iter().map(|o| o.value).collect::<Vec<_>>() == (0..6).collect::<Vec<_>>(), "later jobs");
+    check!(
+        outs.iter().map(|o| o.value).collect::<Vec<_>>() == (0..6).collect::<Vec<_>>(),
+        "later jobs"
+    );
     pool.close().await?;
     Ok(())
 }
@@ -120,10 +152,19 @@ async fn restarted_worker_replays_updates_before_its_next_job() -> TestResult {
     pool.update_workers(10).await?;
     pool.update_workers(20).await?;
     let before = pool.map(vec![ProbeJob::Echo(0)]).await?;
-    check!(before[0].updates == vec![10, 20], "before the crash: {:?}", before[0].updates);
-    let after = pool.map(vec![ProbeJob::AbortOnce(dir.join("marker"), 7)]).await?;
+    check!(
+        before[0].updates == vec![10, 20],
+        "before the crash: {:?}",
+        before[0].updates
+    );
+    let after = pool
+        .map(vec![ProbeJob::AbortOnce(dir.join("marker"), 7)])
+        .await?;
     check!(after[0].value == 7, "the crashed job's retry result");
-    check!(after[0].pid != before[0].pid, "the job was retried on a new worker process");
+    check!(
+        after[0].pid != before[0].pid,
+        "the job was retried on a new worker process"
+    );
     check!(
         after[0].updates == vec![10, 20],
         "the restarted worker replayed {:?}, expected [10, 20]",
@@ -162,8 +203,14 @@ async fn killed_worker_process_job_runs_again_exactly_once() -> TestResult {
     check!(seen.len() == 30, "{} of 30 jobs delivered", seen.len());
     let now: HashSet<u32> = pool.local_worker_pids().await.into_iter().collect();
     let victim = killed.ok_or("nothing was killed")?;
-    check!(!now.contains(&victim), "the killed worker {victim} is still listed");
-    check!(now.len() == 2, "the slot was refilled: {now:?} (before: {first_pids:?})");
+    check!(
+        !now.contains(&victim),
+        "the killed worker {victim} is still listed"
+    );
+    check!(
+        now.len() == 2,
+        "the slot was refilled: {now:?} (before: {first_pids:?})"
+    );
     pool.close().await?;
     Ok(())
 }
@@ -183,7 +230,13 @@ async fn garbage_on_the_channel_fails_only_that_job() -> TestResult {
     while let Some(item) = stream.next().await {
         match item {
             Ok((i, _)) => check!(ok.insert(i), "job {i} twice"),
-            Err(PoolError::Job { index, kind, message, attempts, .. }) => {
+            Err(PoolError::Job {
+                index,
+                kind,
+                message,
+                attempts,
+                ..
+            }) => {
                 check!(kind == JobFailure::Exhausted, "kind {kind}");
                 check!(attempts == 2, "attempts {attempts}");
                 check!(message.contains("protocol error"), "job {index}: {message}");
@@ -193,10 +246,24 @@ async fn garbage_on_the_channel_fails_only_that_job() -> TestResult {
         }
     }
     failed.sort();
-    check!(ok == (2..22).collect::<HashSet<usize>>(), "healthy jobs: {ok:?}");
-    check!(failed.len() == 2 && failed[0].0 == 0 && failed[1].0 == 1, "failed: {failed:?}");
-    check!(failed[0].1.contains("exceeds"), "a huge length prefix is named: {}", failed[0].1);
-    check!(failed[1].1.contains("undecodable"), "bad CBOR is named: {}", failed[1].1);
+    check!(
+        ok == (2..22).collect::<HashSet<usize>>(),
+        "healthy jobs: {ok:?}"
+    );
+    check!(
+        failed.len() == 2 && failed[0].0 == 0 && failed[1].0 == 1,
+        "failed: {failed:?}"
+    );
+    check!(
+        failed[0].1.contains("exceeds"),
+        "a huge length prefix is named: {}",
+        failed[0].1
+    );
+    check!(
+        failed[1].1.contains("undecodable"),
+        "bad CBOR is named: {}",
+        failed[1].1
+    );
     pool.close().await?;
     Ok(())
 }
@@ -220,15 +287,24 @@ async fn sigkill_of_pool_owner_leaves_no_worker_alive() -> TestResult {
     })
     .await?
     .ok_or("the owner never printed its worker pids")?;
-    check!(pids.len() == 2 && distinct(pids.iter()) == 2, "worker pids {pids:?}");
-    check!(pids.iter().all(|&p| !process_is_gone(p)), "workers alive before the kill");
+    check!(
+        pids.len() == 2 && distinct(pids.iter()) == 2,
+        "worker pids {pids:?}"
+    );
+    check!(
+        pids.iter().all(|&p| !process_is_gone(p)),
+        "workers alive before the kill"
+    );
     owner.kill()?; // SIGKILL
     owner.wait()?;
     let gone = eventually(Duration::from_secs(5), || async {
         pids.iter().all(|&p| process_is_gone(p))
     })
     .await;
-    check!(gone, "worker processes {pids:?} survived SIGKILL of their pool's owner");
+    check!(
+        gone,
+        "worker processes {pids:?} survived SIGKILL of their pool's owner"
+    );
     Ok(())
 }
 

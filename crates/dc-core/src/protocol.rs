@@ -301,3 +301,72 @@ mod tests {
         assert!(frame.len() < 1100, "frame is {} bytes", frame.len());
     }
 }
+
+#[cfg(test)]
+mod wire_examples {
+    use super::*;
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The byte-exact examples quoted in docs/worker-protocol.md.
+    #[test]
+    fn documented_frames_are_exact() {
+        let frames: Vec<(&str, Vec<u8>)> = vec![
+            ("shutdown", encode_frame(&ToWorker::Shutdown).expect("enc")),
+            ("ready", encode_frame(&FromWorker::Ready).expect("enc")),
+            (
+                "job",
+                encode_frame(&ToWorker::Job {
+                    job_id: 1,
+                    attempt: 1,
+                    payload: Payload::borrowed(&[0x18, 0x2a]),
+                })
+                .expect("enc"),
+            ),
+            (
+                "result",
+                encode_frame(&FromWorker::Result {
+                    job_id: 1,
+                    payload: vec![0x18, 0x54],
+                })
+                .expect("enc"),
+            ),
+            (
+                "hello",
+                encode_frame(&FromWorker::Hello {
+                    protocol: PROTOCOL_NAME.into(),
+                    version: 1,
+                    pid: 7,
+                    kinds: vec!["sweep".into()],
+                })
+                .expect("enc"),
+            ),
+        ];
+        let want = [
+            ("shutdown", "000000096853687574646f776e"),
+            ("ready", "00000006655265616479"),
+            (
+                "job",
+                "00000022a1634a6f62a3666a6f625f69640167617474656d707401677061796c6f616442182a",
+            ),
+            (
+                "result",
+                "0000001ca166526573756c74a2666a6f625f696401677061796c6f6164421854",
+            ),
+            (
+                "hello",
+                "00000036a16548656c6c6fa46870726f746f636f6c6964632d776f726b65726776657273696f6e016370696407656b696e647381657377656570",
+            ),
+        ];
+        for ((name, frame), (want_name, want_hex)) in frames.iter().zip(want) {
+            assert_eq!(*name, want_name);
+            assert_eq!(
+                hex(frame),
+                want_hex,
+                "{name} frame changed: update docs/worker-protocol.md"
+            );
+        }
+    }
+}
