@@ -4,7 +4,9 @@
 
 use std::sync::Arc;
 
-use distributed_computing::{BoxError, Broker, LocalBroker, Pool, PoolBuilder, Worker, WorkerContext};
+use distributed_computing::{
+    BoxError, Broker, LocalBroker, Pool, PoolBuilder, Worker, WorkerContext,
+};
 
 struct W;
 

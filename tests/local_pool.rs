@@ -35,6 +35,8 @@ fn main() -> ExitCode {
         fake_gpus_give_each_worker_one_distinct_device,
         concurrent_calls_on_a_shared_pool_get_their_own_results,
         closed_pool_refuses_work_and_stops_its_workers,
+        panicking_job_fails_alone_and_the_worker_lives_on,
+        close_aborts_running_jobs_promptly,
     ];
     libtest_mimic::run(&args, tests).exit_code()
 }
@@ -371,5 +373,60 @@ async fn closed_pool_refuses_work_and_stops_its_workers() -> TestResult {
     })
     .await;
     check!(gone, "worker processes {pids:?} outlived close()");
+    Ok(())
+}
+
+async fn panicking_job_fails_alone_and_the_worker_lives_on() -> TestResult {
+    let pool = local_pool("panics", 1).await?;
+    let before = pool.map(vec![ProbeJob::Echo(1)]).await?;
+    match pool
+        .map(vec![ProbeJob::Panic("index out of range: 9".into())])
+        .await
+    {
+        Err(PoolError::Job {
+            kind: JobFailure::Worker,
+            message,
+            attempts: 1,
+            ..
+        }) => check!(
+            message.contains("worker panicked: index out of range: 9"),
+            "message: {message}"
+        ),
+        other => return Err(format!("expected a worker error, got {other:?}").into()),
+    }
+    let after = pool.map(vec![ProbeJob::Echo(2)]).await?;
+    check!(after[0].value == 2, "the next job ran");
+    check!(
+        after[0].pid == before[0].pid,
+        "a panic must not cost the worker process"
+    );
+    pool.close().await?;
+    Ok(())
+}
+
+async fn close_aborts_running_jobs_promptly() -> TestResult {
+    let pool = Arc::new(local_pool("abort", 1).await?);
+    let warm = pool.map(vec![ProbeJob::Echo(0)]).await?;
+    let pid = warm[0].pid;
+    let running = {
+        let pool = pool.clone();
+        tokio::spawn(async move { pool.map(vec![ProbeJob::SleepEcho(60_000, 1)]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = std::time::Instant::now();
+    pool.close().await?;
+    let took = started.elapsed();
+    check!(
+        took < Duration::from_secs(3),
+        "close took {took:?} with a job running"
+    );
+    check!(
+        matches!(running.await?, Err(PoolError::Closed)),
+        "the waiting map must end with Closed"
+    );
+    check!(
+        common::process_is_gone(pid),
+        "the busy worker {pid} outlived close()"
+    );
     Ok(())
 }

@@ -33,6 +33,8 @@ pub enum ProbeJob {
     SleepEcho(u64, i64),
     /// The worker returns an error with this message.
     Fail(String),
+    /// The worker's `run` panics with this message.
+    Panic(String),
     /// The worker process aborts (SIGABRT), every time.
     Abort,
     /// The worker process aborts the first time (leaving a marker file), then echoes.
@@ -87,6 +89,7 @@ impl Worker for Probe {
                 v
             }
             ProbeJob::Fail(message) => return Err(message.into()),
+            ProbeJob::Panic(message) => panic!("{message}"),
             ProbeJob::Abort => {
                 eprintln!("probe: about to abort");
                 std::process::abort()

@@ -437,8 +437,10 @@ impl UpdateLog {
 }
 
 enum SlotExit {
-    /// The session is over (or the node stops).
+    /// The session is over (or the node stops): stop the worker gracefully.
     Done,
+    /// The session ended while a job ran: the job is aborted, the worker killed.
+    Abort,
     /// The worker process must be replaced.
     Restart,
 }
@@ -453,9 +455,17 @@ async fn run_slot(
     let node = shared.config.node_id.clone();
     let worker_id = WorkerId(format!("{node}/{slot}"));
     let mut init_failures = 0u32;
+    let mut crashes = 0u32;
     loop {
         if *cancel.borrow() {
             break;
+        }
+        if crashes > 0 {
+            // A worker that keeps dying (a poison update, a broken install) must not spin.
+            sleep_or_stop(&mut cancel, backoff(crashes)).await;
+            if *cancel.borrow() {
+                break;
+            }
         }
         shared.set_state(slot, Some(&info.id), WorkerState::Starting);
         let started = tokio::select! {
@@ -502,6 +512,7 @@ async fn run_slot(
         init_failures = 0;
         lock(&shared.pids).insert(slot, proc.pid);
         shared.set_state(slot, Some(&info.id), WorkerState::Idle);
+        let started_at = std::time::Instant::now();
         let exit = serve_jobs(
             &shared,
             &info,
@@ -518,8 +529,18 @@ async fn run_slot(
                 proc.stop(shared.config.stop_grace).await;
                 break;
             }
+            SlotExit::Abort => {
+                proc.kill().await;
+                break;
+            }
             SlotExit::Restart => {
                 proc.kill().await;
+                // A worker that lived a while before dying starts a fresh count.
+                crashes = if started_at.elapsed() > Duration::from_secs(30) {
+                    1
+                } else {
+                    crashes + 1
+                };
             }
         }
     }
@@ -549,6 +570,17 @@ async fn serve_jobs(
         let taken = tokio::select! {
             biased;
             _ = cancel.changed() => return SlotExit::Done,
+            // An idle worker says nothing; a frame or a closed channel means it broke or died.
+            frame = proc.frames.recv() => {
+                let what = match frame {
+                    Some(Ok(msg)) => format!("sent {} unprompted", describe(&msg)),
+                    Some(Err(e)) => e.to_string(),
+                    None => "closed its channel".into(),
+                };
+                let end = proc.death().await;
+                tracing::warn!(worker = %worker_id, "idle worker {what}: {end}; restarting it");
+                return SlotExit::Restart;
+            }
             r = broker.take_job(&info.id, &shared.config.node_id, worker_id, shared.config.poll) => r,
         };
         let job = match taken {
@@ -579,7 +611,7 @@ async fn serve_jobs(
         shared.set_state(slot, Some(&info.id), WorkerState::Idle);
         match outcome {
             JobStep::Finished => {}
-            JobStep::Cancelled => return SlotExit::Done,
+            JobStep::Cancelled => return SlotExit::Abort,
             JobStep::WorkerBroken => return SlotExit::Restart,
         }
     }

@@ -178,7 +178,6 @@ impl Registry {
                 ToWorker::Job {
                     job_id, payload, ..
                 } => {
-                    let mut panicked = false;
                     let reply = match catch_unwind(AssertUnwindSafe(|| worker.run(&payload))) {
                         Ok(Ok(output)) => FromWorker::Result {
                             job_id,
@@ -192,20 +191,15 @@ impl Registry {
                             message,
                             undecodable,
                         },
-                        Err(panic) => {
-                            panicked = true;
-                            FromWorker::JobError {
-                                job_id,
-                                message: format!("worker panicked: {}", panic_message(&panic)),
-                                undecodable: false,
-                            }
-                        }
+                        // A panic is the job's failure, like an exception in Python: the
+                        // worker stays up for the next job.
+                        Err(panic) => FromWorker::JobError {
+                            job_id,
+                            message: format!("worker panicked: {}", panic_message(&panic)),
+                            undecodable: false,
+                        },
                     };
                     protocol::write_frame_blocking(writer, &reply)?;
-                    if panicked {
-                        // Its state may be half-updated: let the node build a fresh one.
-                        return Ok(101);
-                    }
                 }
                 ToWorker::Update { seq, payload } => {
                     let reply = match guarded(|| worker.update(&payload)) {
