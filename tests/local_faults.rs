@@ -80,7 +80,7 @@ async fn aborting_job_is_retried_then_fails_with_attempts() -> TestResult {
         .await?;
     let mut jobs = vec![ProbeJob::Abort];
     jobs.extend((1..20).map(|i| ProbeJob::SleepEcho(10, i)));
-    let mut stream = Box::pin(pool.imap_unordered(jobs));
+    let mut stream = pool.imap_unordered(jobs);
     let mut ok = HashSet::new();
     let mut failures = Vec::new();
     while let Some(item) = stream.next().await {
@@ -184,7 +184,7 @@ async fn killed_worker_process_job_runs_again_exactly_once() -> TestResult {
         .await?;
     let warm = pool.map((0..4).map(ProbeJob::Echo)).await?;
     let first_pids: HashSet<u32> = warm.iter().map(|o| o.pid).collect();
-    let mut stream = Box::pin(pool.imap_unordered((0..30).map(|i| ProbeJob::SleepEcho(100, i))));
+    let mut stream = pool.imap_unordered((0..30).map(|i| ProbeJob::SleepEcho(100, i)));
     let mut seen = HashSet::new();
     let mut killed = None;
     while let Some(item) = stream.next().await {
@@ -224,7 +224,7 @@ async fn garbage_on_the_channel_fails_only_that_job() -> TestResult {
         .await?;
     let mut jobs = vec![ProbeJob::GarbageFrame, ProbeJob::BadCbor];
     jobs.extend((2..22).map(ProbeJob::Echo));
-    let mut stream = Box::pin(pool.imap_unordered(jobs));
+    let mut stream = pool.imap_unordered(jobs);
     let mut ok = HashSet::new();
     let mut failed = Vec::new();
     while let Some(item) = stream.next().await {

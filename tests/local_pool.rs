@@ -136,7 +136,7 @@ async fn map_keeps_order_and_init_reaches_every_worker() -> TestResult {
 
 async fn imap_unordered_yields_every_index_once() -> TestResult {
     let pool = local_pool("imap", 2).await?;
-    let mut stream = Box::pin(pool.imap_unordered((0..150).map(ProbeJob::Echo)));
+    let mut stream = pool.imap_unordered((0..150).map(ProbeJob::Echo));
     let mut seen = HashSet::new();
     while let Some(item) = stream.next().await {
         let (index, out) = item?;
@@ -181,7 +181,7 @@ async fn updates_arrive_in_order_before_later_jobs() -> TestResult {
 /// in-order prefix of the updates, and later jobs see the updates sent before they started.
 async fn updates_reach_workers_between_jobs_of_one_stream() -> TestResult {
     let pool = local_pool("stream-updates", 2).await?;
-    let mut stream = Box::pin(pool.imap_unordered((0..30).map(|i| ProbeJob::SleepEcho(40, i))));
+    let mut stream = pool.imap_unordered((0..30).map(|i| ProbeJob::SleepEcho(40, i)));
     let mut sent: Vec<i64> = Vec::new();
     let mut max_seen = 0;
     while let Some(item) = stream.next().await {
@@ -215,7 +215,7 @@ async fn worker_error_fails_only_that_job() -> TestResult {
         ProbeJob::Echo(2),
         ProbeJob::Echo(3),
     ];
-    let mut stream = Box::pin(pool.imap_unordered(jobs.clone()));
+    let mut stream = pool.imap_unordered(jobs.clone());
     let mut ok = Vec::new();
     let mut errors = Vec::new();
     while let Some(item) = stream.next().await {

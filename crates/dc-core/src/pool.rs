@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
+use futures::stream::BoxStream;
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -431,7 +432,7 @@ impl<W: Worker> Pool<W> {
         I: IntoIterator<Item = W::Job>,
         W::Output: Send,
     {
-        let mut stream = Box::pin(self.imap_unordered(jobs));
+        let mut stream = self.imap_unordered(jobs);
         let mut slots: Vec<Option<W::Output>> = Vec::new();
         while let Some(item) = stream.next().await {
             let (index, output) = item?;
@@ -454,12 +455,13 @@ impl<W: Worker> Pool<W> {
     /// Run every job; yields `(index, output)` as results arrive, and a failed job as an
     /// `Err` item without stopping the rest.
     ///
-    /// Jobs are encoded now and submitted when the stream is first polled. Dropping the stream
-    /// stops listening; jobs already queued still run.
+    /// Jobs are encoded now and submitted when the stream is first polled. The stream is
+    /// `Send + Unpin + 'static`: poll it with `next()` directly, store it, or move it into a
+    /// spawned task. Dropping it stops listening; jobs already queued still run.
     pub fn imap_unordered<I>(
         &self,
         jobs: I,
-    ) -> impl Stream<Item = Result<(usize, W::Output), PoolError>> + Send + 'static
+    ) -> BoxStream<'static, Result<(usize, W::Output), PoolError>>
     where
         I: IntoIterator<Item = W::Job>,
         W::Output: Send,
@@ -501,6 +503,7 @@ impl<W: Worker> Pool<W> {
             };
             Some((item, st))
         })
+        .boxed()
     }
 
     /// Broadcast an update to every worker, in order: each applies it between jobs (at once
