@@ -177,8 +177,9 @@ impl<W: Worker> PoolBuilder<W> {
         self
     }
 
-    /// Local mode: run workers from this program (built with a `Registry`) instead of the
-    /// current executable.
+    /// Local mode: run workers from this program instead of the current executable: a Rust
+    /// binary built with a `Registry`, or any executable speaking the frame protocol of
+    /// `docs/worker-protocol.md` (it is run as `PROGRAM __dc-worker`).
     pub fn worker_program(mut self, path: impl Into<PathBuf>) -> Self {
         self.worker_program = Some(path.into());
         self
