@@ -21,6 +21,6 @@ mod worker;
 pub use broker::Broker;
 pub use error::{BrokerError, JobFailure, PoolError};
 pub use local::LocalBroker;
-pub use pool::{DEFAULT_PORT, Pool, PoolBuilder};
+pub use pool::{Connector, DEFAULT_PORT, LocalOnly, NetworkTarget, Pool, PoolBuilder, redact_url};
 pub use registry::Registry;
 pub use worker::{BoxError, Worker, WorkerContext};

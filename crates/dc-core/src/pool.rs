@@ -30,6 +30,87 @@ pub const DEFAULT_PORT: u16 = 8899;
 /// Jobs per `submit` call.
 const SUBMIT_BATCH: usize = 1024;
 
+/// A pool's network address: a head node (`address:port` + password) or a broker URL.
+#[derive(Clone, PartialEq, Eq)]
+pub struct NetworkTarget {
+    /// Head node host (default `localhost`).
+    pub address: String,
+    /// Head node pool port (default [`DEFAULT_PORT`]).
+    pub port: u16,
+    /// The pool password.
+    pub password: Option<String>,
+    /// A broker URL, when given instead of a head node.
+    pub url: Option<String>,
+    /// How long to try before reporting [`PoolError::Unreachable`].
+    pub connect_timeout: Duration,
+}
+
+impl std::fmt::Debug for NetworkTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetworkTarget")
+            .field("address", &self.address)
+            .field("port", &self.port)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("url", &self.url.as_ref().map(|u| redact_url(u)))
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
+    }
+}
+
+/// A URL with its password replaced by `***`, for logs.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            match userinfo.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme_end + 3],
+                    &userinfo[..colon],
+                    &url[at..]
+                ),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// Turns a [`NetworkTarget`] into a broker: how a pool type reaches head nodes and broker URLs.
+///
+/// `dc-core` names no network backend; its default, [`LocalOnly`], refuses network targets.
+/// The facade crate's `Pool` is `dc_core::Pool<W, Backends>`, whose connector knows Redis (and
+/// RabbitMQ with its feature), chosen by URL scheme.
+#[async_trait::async_trait]
+pub trait Connector: Send + Sync + 'static {
+    /// Connect to the broker named by `target`.
+    ///
+    /// # Errors
+    /// [`PoolError::Auth`], [`PoolError::Unreachable`], or [`PoolError::Config`] for a URL
+    /// scheme without a backend.
+    async fn connect(target: &NetworkTarget) -> Result<Arc<dyn Broker>, PoolError>;
+}
+
+/// The connector of a pool built from `dc-core` alone: local pools and broker objects only.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LocalOnly;
+
+#[async_trait::async_trait]
+impl Connector for LocalOnly {
+    async fn connect(target: &NetworkTarget) -> Result<Arc<dyn Broker>, PoolError> {
+        Err(PoolError::Config(match &target.url {
+            Some(url) => format!(
+                "no broker backend for {:?} in this build: use the distributed-computing crate (Redis, RabbitMQ), .local() or .broker_instance(..)",
+                redact_url(url)
+            ),
+            None => format!(
+                "no network backend in this build to reach a head node at {}:{}: use the distributed-computing crate, .local() or .broker_instance(..)",
+                target.address, target.port
+            ),
+        }))
+    }
+}
+
 /// Where a pool's broker lives.
 #[derive(Debug, Clone)]
 enum Target {
@@ -62,7 +143,7 @@ enum Target {
 /// # Ok(()) }
 /// ```
 #[must_use = "a builder does nothing until `connect`"]
-pub struct PoolBuilder<W: Worker> {
+pub struct PoolBuilder<W: Worker, C: Connector = LocalOnly> {
     init: W::Init,
     target: Target,
     password: Option<String>,
@@ -74,9 +155,11 @@ pub struct PoolBuilder<W: Worker> {
     gpus: dc_gpu::GpuSelection,
     workers_per_gpu: usize,
     worker_program: Option<PathBuf>,
+    connect_timeout: Duration,
+    _connector: PhantomData<fn() -> C>,
 }
 
-impl<W: Worker> std::fmt::Debug for PoolBuilder<W> {
+impl<W: Worker, C: Connector> std::fmt::Debug for PoolBuilder<W, C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PoolBuilder")
             .field("kind", &W::KIND)
@@ -89,7 +172,7 @@ impl<W: Worker> std::fmt::Debug for PoolBuilder<W> {
     }
 }
 
-impl<W: Worker> PoolBuilder<W> {
+impl<W: Worker, C: Connector> PoolBuilder<W, C> {
     fn new(init: W::Init) -> Self {
         PoolBuilder {
             init,
@@ -103,7 +186,15 @@ impl<W: Worker> PoolBuilder<W> {
             gpus: dc_gpu::GpuSelection::Auto,
             workers_per_gpu: 1,
             worker_program: None,
+            connect_timeout: Duration::from_secs(5),
+            _connector: PhantomData,
         }
+    }
+
+    /// How long `connect` tries to reach a head node or broker (default 5 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
     }
 
     /// The pool password.
@@ -194,7 +285,7 @@ impl<W: Worker> PoolBuilder<W> {
     /// - [`PoolError::UnknownWorkerKind`] when the local program has no `W::KIND`;
     /// - [`PoolError::Codec`] when the init data does not encode;
     /// - [`PoolError::Broker`] when the broker fails.
-    pub async fn connect(self) -> Result<Pool<W>, PoolError> {
+    pub async fn connect(self) -> Result<Pool<W, C>, PoolError> {
         let init = to_cbor(&self.init).map_err(|e| PoolError::codec("init data", e))?;
         let spec = SessionSpec {
             kind: W::KIND.to_string(),
@@ -219,7 +310,7 @@ impl<W: Worker> PoolBuilder<W> {
         }
     }
 
-    async fn connect_local(self, spec: SessionSpec) -> Result<Pool<W>, PoolError> {
+    async fn connect_local(self, spec: SessionSpec) -> Result<Pool<W, C>, PoolError> {
         let (command, kinds) = match &self.worker_program {
             Some(path) => (WorkerCommand::program(path), vec![W::KIND.to_string()]),
             None => {
@@ -363,16 +454,19 @@ impl Shared {
 
 /// A pool of workers of kind `W`: submit jobs, read results, broadcast updates.
 ///
+/// `C` says how network targets are reached (see [`Connector`]); users of the facade crate
+/// never name it.
+///
 /// `Pool` is `Send + Sync`: share it in an `Arc`; several `map` / `imap_unordered` calls may run
 /// at once, each getting its own results.
-pub struct Pool<W: Worker> {
+pub struct Pool<W: Worker, C: Connector = LocalOnly> {
     shared: Arc<Shared>,
     tasks: Vec<JoinHandle<()>>,
     agent: tokio::sync::Mutex<Option<AgentHandle>>,
-    _worker: PhantomData<fn(W) -> W>,
+    _worker: PhantomData<fn(W, C) -> W>,
 }
 
-impl<W: Worker> std::fmt::Debug for Pool<W> {
+impl<W: Worker, C: Connector> std::fmt::Debug for Pool<W, C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pool")
             .field("kind", &W::KIND)
@@ -382,9 +476,9 @@ impl<W: Worker> std::fmt::Debug for Pool<W> {
     }
 }
 
-impl<W: Worker> Pool<W> {
+impl<W: Worker, C: Connector> Pool<W, C> {
     /// Start building a pool whose workers are built with `init`.
-    pub fn builder(init: W::Init) -> PoolBuilder<W> {
+    pub fn builder(init: W::Init) -> PoolBuilder<W, C> {
         PoolBuilder::new(init)
     }
 
@@ -592,7 +686,7 @@ impl<W: Worker> Pool<W> {
     }
 }
 
-impl<W: Worker> Drop for Pool<W> {
+impl<W: Worker, C: Connector> Drop for Pool<W, C> {
     fn drop(&mut self) {
         for task in &self.tasks {
             task.abort();
@@ -799,5 +893,24 @@ async fn keep_alive(shared: Arc<Shared>) {
             tracing::error!("{err}");
             shared.abort_all(&err);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn urls_lose_their_password_in_logs() {
+        assert_eq!(
+            redact_url("redis://:s3cret@host:6379/0"),
+            "redis://:***@host:6379/0"
+        );
+        assert_eq!(
+            redact_url("amqp://user:pw@h:5672/%2f"),
+            "amqp://user:***@h:5672/%2f"
+        );
+        assert_eq!(redact_url("redis://host:6379"), "redis://host:6379");
+        assert_eq!(redact_url("redis://user@host"), "redis://user@host");
     }
 }
