@@ -343,6 +343,15 @@ pub struct SessionStats {
     pub problems: Vec<NodeProblem>,
 }
 
+/// A node as the broker last heard from it (for `dc-cli status`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeSeen {
+    /// Its last heartbeat.
+    pub status: NodeStatus,
+    /// How long ago that was.
+    pub ago: Duration,
+}
+
 /// A session's state as its keep-alive sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SessionState {
@@ -391,6 +400,8 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
     async fn session_stats(&self, session: &SessionId) -> Result<SessionStats, BrokerError>;
     /// Requeue (or fail) jobs whose lease expired; returns how many. Anyone may call it.
     async fn reap_expired(&self) -> Result<usize, BrokerError>;
+    /// Nodes heard from within `within`, with their last status (for status output).
+    async fn nodes(&self, within: Duration) -> Result<Vec<NodeSeen>, BrokerError>;
 
     // ---- node side -------------------------------------------------------------------------
 

@@ -11,8 +11,8 @@ use tokio::sync::watch;
 
 use crate::broker::{
     Abandoned, AttemptEnd, AttemptRecord, Broker, Completion, JobId, JobOutcome, JobResult, Lease,
-    LeasedJob, NewJob, NodeId, NodeProblem, NodeStatus, SessionId, SessionInfo, SessionSpec,
-    SessionState, SessionStats, UpdateSeq, WorkerId, WorkerState,
+    LeasedJob, NewJob, NodeId, NodeProblem, NodeSeen, NodeStatus, SessionId, SessionInfo,
+    SessionSpec, SessionState, SessionStats, UpdateSeq, WorkerId, WorkerState,
 };
 use crate::error::{BrokerError, JobFailure};
 
@@ -438,6 +438,22 @@ impl Broker for LocalBroker {
             self.changed();
         }
         Ok(reaped)
+    }
+
+    async fn nodes(&self, within: Duration) -> Result<Vec<NodeSeen>, BrokerError> {
+        let st = self.lock();
+        let now = Instant::now();
+        let mut seen: Vec<NodeSeen> = st
+            .nodes
+            .values()
+            .filter(|n| now.duration_since(n.last_seen) <= within)
+            .map(|n| NodeSeen {
+                status: n.status.clone(),
+                ago: now.duration_since(n.last_seen),
+            })
+            .collect();
+        seen.sort_by(|a, b| a.status.node.cmp(&b.status.node));
+        Ok(seen)
     }
 
     async fn heartbeat(&self, status: &NodeStatus) -> Result<(), BrokerError> {

@@ -42,6 +42,7 @@ macro_rules! broker_conformance_tests {
             update_log_is_ordered_and_replayable,
             jobs_carry_update_positions,
             stats_count_workers_and_nodes,
+            nodes_are_listed_with_their_last_status,
             session_expires_without_keep_alive,
             closed_session_is_gone_for_nodes,
             problems_reach_the_pool,
@@ -632,4 +633,34 @@ pub async fn results_are_handed_out_once(broker: Arc<dyn Broker>) {
     assert_eq!(seen.len(), 25);
     let stats = broker.session_stats(&s.id).await.expect("stats");
     assert_eq!(stats.done, 25);
+}
+
+/// Nodes are listed with their latest status; a node that left is not.
+pub async fn nodes_are_listed_with_their_last_status(broker: Arc<dyn Broker>) {
+    let mut a = status("list-a", vec![]);
+    broker.heartbeat(&a).await.expect("heartbeat");
+    a.host = "renamed-host".into();
+    broker.heartbeat(&a).await.expect("heartbeat");
+    broker
+        .heartbeat(&status("list-b", vec![]))
+        .await
+        .expect("heartbeat");
+    let seen = broker.nodes(Duration::from_secs(60)).await.expect("nodes");
+    let names: Vec<&str> = seen.iter().map(|n| n.status.node.0.as_str()).collect();
+    assert!(
+        names.contains(&"list-a") && names.contains(&"list-b"),
+        "{names:?}"
+    );
+    let a_seen = seen
+        .iter()
+        .find(|n| n.status.node == node("list-a"))
+        .expect("list-a");
+    assert_eq!(a_seen.status.host, "renamed-host");
+    assert!(a_seen.ago < Duration::from_secs(30));
+    broker.leave(&node("list-b")).await.expect("leave");
+    let seen = broker.nodes(Duration::from_secs(60)).await.expect("nodes");
+    assert!(
+        !seen.iter().any(|n| n.status.node == node("list-b")),
+        "a node that left is still listed"
+    );
 }
