@@ -33,6 +33,8 @@ pub enum ProbeJob {
     SleepEcho(u64, i64),
     /// The worker returns an error with this message.
     Fail(String),
+    /// Return these bytes reversed (big-payload round trips).
+    Reverse(serde_bytes::ByteBuf),
     /// The worker's `run` panics with this message.
     Panic(String),
     /// The worker process aborts (SIGABRT), every time.
@@ -55,6 +57,7 @@ pub struct ProbeOut {
     pub cuda_visible_devices: Option<String>,
     pub cuda_device_order: Option<String>,
     pub devices: Vec<String>,
+    pub bytes: Option<serde_bytes::ByteBuf>,
 }
 
 pub struct Probe {
@@ -82,7 +85,14 @@ impl Worker for Probe {
     }
 
     fn run(&mut self, job: ProbeJob) -> Result<ProbeOut, BoxError> {
+        let mut bytes = None;
         let value = match job {
+            ProbeJob::Reverse(mut buf) => {
+                buf.reverse();
+                let n = buf.len() as i64;
+                bytes = Some(buf);
+                n
+            }
             ProbeJob::Echo(v) => v,
             ProbeJob::SleepEcho(ms, v) => {
                 std::thread::sleep(Duration::from_millis(ms));
@@ -121,6 +131,7 @@ impl Worker for Probe {
             cuda_visible_devices: std::env::var("CUDA_VISIBLE_DEVICES").ok(),
             cuda_device_order: std::env::var("CUDA_DEVICE_ORDER").ok(),
             devices: self.ctx.devices().to_vec(),
+            bytes,
         })
     }
 

@@ -170,6 +170,21 @@ impl AgentHandle {
         let _ = self.task.await;
     }
 
+    /// Ask the agent to stop, without waiting (see [`AgentHandle::wait`]).
+    pub fn request_stop(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    /// Wait until the agent has stopped (after [`AgentHandle::request_stop`]).
+    pub async fn wait(&mut self) {
+        let _ = (&mut self.task).await;
+    }
+
+    /// Whether the agent has stopped.
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
     /// Pids of the worker processes alive now.
     pub fn worker_pids(&self) -> Vec<u32> {
         self.shared.lock_pids().values().copied().collect()

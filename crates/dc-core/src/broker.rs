@@ -123,6 +123,8 @@ pub struct Lease {
     pub node: NodeId,
     /// The worker slot it is for.
     pub worker: WorkerId,
+    /// The backend's own handle for this lease (a Redis stream entry id…); opaque to callers.
+    pub token: String,
 }
 
 /// A job handed to a node.

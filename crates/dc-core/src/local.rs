@@ -576,6 +576,7 @@ impl Broker for LocalBroker {
                             attempt: entry.attempt,
                             node: node.clone(),
                             worker: worker.clone(),
+                            token: String::new(),
                         },
                         payload: entry.payload.clone(),
                         update_seq: entry.update_seq,

@@ -300,13 +300,21 @@ impl<W: Worker, C: Connector> PoolBuilder<W, C> {
                 let info = open_session(broker.as_ref(), &spec).await?;
                 Ok(Pool::start(broker, info, None))
             }
-            Target::Url(url) => Err(PoolError::Config(format!(
-                "no broker backend for {url:?} in this build: network brokers (Redis, RabbitMQ) come with the dc-broker-* crates; use .local() or .broker_instance(..)"
-            ))),
-            Target::Server => Err(PoolError::Config(format!(
-                "no network broker backend in this build to reach a head node at {}:{}: use .local() or .broker_instance(..)",
-                self.address, self.port
-            ))),
+            Target::Url(_) | Target::Server => {
+                let target = NetworkTarget {
+                    address: self.address.clone(),
+                    port: self.port,
+                    password: self.password.clone(),
+                    url: match &self.target {
+                        Target::Url(url) => Some(url.clone()),
+                        _ => None,
+                    },
+                    connect_timeout: self.connect_timeout,
+                };
+                let broker = C::connect(&target).await?;
+                let info = open_session(broker.as_ref(), &spec).await?;
+                Ok(Pool::start(broker, info, None))
+            }
         }
     }
 

@@ -75,6 +75,12 @@ impl Registry {
         self
     }
 
+    /// The kinds this process registered through [`Registry::serve_if_worker`], if it did:
+    /// what a node started from this executable can run.
+    pub fn served_kinds() -> Option<Vec<String>> {
+        local_kinds().map(<[String]>::to_vec)
+    }
+
     /// The registered kinds, sorted.
     pub fn kinds(&self) -> Vec<String> {
         self.kinds.keys().map(|k| k.to_string()).collect()

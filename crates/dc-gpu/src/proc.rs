@@ -10,7 +10,7 @@
 
 use std::ffi::OsString;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
@@ -51,10 +51,18 @@ pub struct SpawnedWorker {
     pub channel: UnixStream,
 }
 
+enum SpawnKind {
+    /// A worker process: protocol channel on fd 3, piped stdout/stderr.
+    Worker,
+    /// A service (such as the head node's redis-server): inherited stdio, no channel.
+    Service,
+}
+
 struct SpawnRequest {
     spec: SpawnSpec,
+    kind: SpawnKind,
     runtime: tokio::runtime::Handle,
-    reply: mpsc::SyncSender<io::Result<SpawnedWorker>>,
+    reply: mpsc::SyncSender<io::Result<(Child, Option<UnixStream>)>>,
 }
 
 fn supervisor() -> io::Result<&'static mpsc::Sender<SpawnRequest>> {
@@ -69,7 +77,7 @@ fn supervisor() -> io::Result<&'static mpsc::Sender<SpawnRequest>> {
         .spawn(move || {
             for req in rx {
                 let _guard = req.runtime.enter();
-                let _ = req.reply.send(spawn_here(req.spec));
+                let _ = req.reply.send(spawn_here(req.spec, req.kind));
             }
         })?;
     // A racing caller may have installed its own sender first; either thread works, and the
@@ -77,20 +85,16 @@ fn supervisor() -> io::Result<&'static mpsc::Sender<SpawnRequest>> {
     Ok(SUPERVISOR.get_or_init(|| tx))
 }
 
-/// Spawn one isolated worker process from the supervisor thread.
-///
-/// The child gets: its own process group, `PR_SET_PDEATHSIG = SIGKILL`, stdin from `/dev/null`,
-/// piped stdout and stderr, and the channel on descriptor [`CHANNEL_FD`] (announced in
-/// [`CHANNEL_FD_ENV`]).
-///
-/// # Errors
-/// When the program cannot be started (missing, not executable) or the socket pair fails.
-pub async fn spawn_isolated(spec: SpawnSpec) -> io::Result<SpawnedWorker> {
+async fn spawn_via_supervisor(
+    spec: SpawnSpec,
+    kind: SpawnKind,
+) -> io::Result<(Child, Option<UnixStream>)> {
     let runtime = tokio::runtime::Handle::current();
     let (reply, rx) = mpsc::sync_channel(1);
     supervisor()?
         .send(SpawnRequest {
             spec,
+            kind,
             runtime,
             reply,
         })
@@ -103,21 +107,57 @@ pub async fn spawn_isolated(spec: SpawnSpec) -> io::Result<SpawnedWorker> {
     .map_err(io::Error::other)?
 }
 
-fn spawn_here(spec: SpawnSpec) -> io::Result<SpawnedWorker> {
-    let (ours, theirs) = UnixStream::pair()?;
-    let theirs: OwnedFd = theirs.into();
-    let child_fd = theirs.as_raw_fd();
-    let parent_pid = std::process::id() as libc::pid_t;
+/// Spawn one isolated worker process from the supervisor thread.
+///
+/// The child gets: its own process group, `PR_SET_PDEATHSIG = SIGKILL`, stdin from `/dev/null`,
+/// piped stdout and stderr, and the channel on descriptor [`CHANNEL_FD`] (announced in
+/// [`CHANNEL_FD_ENV`]).
+///
+/// # Errors
+/// When the program cannot be started (missing, not executable) or the socket pair fails.
+pub async fn spawn_isolated(spec: SpawnSpec) -> io::Result<SpawnedWorker> {
+    let (child, channel) = spawn_via_supervisor(spec, SpawnKind::Worker).await?;
+    let pid = child
+        .id()
+        .ok_or_else(|| io::Error::other("worker process exited before its pid was read"))?;
+    let channel = channel.ok_or_else(|| io::Error::other("worker spawned without a channel"))?;
+    Ok(SpawnedWorker {
+        child,
+        pid,
+        channel,
+    })
+}
 
+/// Spawn a supervised service process (the head node's redis-server): its own process group
+/// and a parent-death signal, like a worker, but with stdin from `/dev/null`, stdout and stderr
+/// inherited, and no protocol channel. `kill_on_drop` is set.
+///
+/// # Errors
+/// When the program cannot be started.
+pub async fn spawn_service(spec: SpawnSpec) -> io::Result<Child> {
+    spawn_via_supervisor(spec, SpawnKind::Service)
+        .await
+        .map(|(child, _)| child)
+}
+
+fn spawn_here(spec: SpawnSpec, kind: SpawnKind) -> io::Result<(Child, Option<UnixStream>)> {
+    let parent_pid = std::process::id() as libc::pid_t;
     let mut cmd = Command::new(&spec.program);
     cmd.args(&spec.args)
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
-        .env(CHANNEL_FD_ENV, CHANNEL_FD.to_string())
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
+    let channel = match kind {
+        SpawnKind::Worker => {
+            cmd.env(CHANNEL_FD_ENV, CHANNEL_FD.to_string())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            Some(UnixStream::pair()?)
+        }
+        SpawnKind::Service => None,
+    };
+    let child_fd = channel.as_ref().map(|(_, theirs)| theirs.as_raw_fd());
     // SAFETY: the closure runs in the forked child before exec and only makes
     // async-signal-safe system calls (prctl, getppid, dup2, fcntl, _exit); it allocates nothing.
     #[allow(unsafe_code)]
@@ -130,6 +170,9 @@ fn spawn_here(spec: SpawnSpec) -> io::Result<SpawnedWorker> {
             if libc::getppid() != parent_pid {
                 libc::_exit(1);
             }
+            let Some(child_fd) = child_fd else {
+                return Ok(());
+            };
             if child_fd == CHANNEL_FD {
                 // Same number: only the close-on-exec flag must go.
                 let flags = libc::fcntl(child_fd, libc::F_GETFD);
@@ -144,15 +187,8 @@ fn spawn_here(spec: SpawnSpec) -> io::Result<SpawnedWorker> {
         });
     }
     let child = cmd.spawn()?;
-    drop(theirs);
-    let pid = child
-        .id()
-        .ok_or_else(|| io::Error::other("worker process exited before its pid was read"))?;
-    Ok(SpawnedWorker {
-        child,
-        pid,
-        channel: ours,
-    })
+    // Our copy of the child's end closes here, so the channel ends when the child does.
+    Ok((child, channel.map(|(ours, _theirs)| ours)))
 }
 
 /// Send `signal` to the whole process group led by `pid`. A group that is already gone is fine.

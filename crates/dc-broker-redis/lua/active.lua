@@ -1,0 +1,27 @@
+-- active: the active session and its spec.
+-- KEYS[1] active pointer, KEYS[2] "opened" stream.
+-- ARGV: 1 key prefix, 2 largest spec returned inline.
+-- Returns {1, session id, spec chunk count, spec length, spec CBOR or nil when it must be
+-- fetched by chunks}, or {0, last generated id of the "opened" stream} when none is active.
+local sid = redis.call('GET', KEYS[1])
+if sid then
+  local base = ARGV[1] .. ':{' .. sid .. '}:'
+  local m = redis.call('HMGET', base .. 'meta', 'sn', 'slen')
+  if m[1] then
+    local data = false
+    if tonumber(m[1]) == 1 and tonumber(m[2]) <= tonumber(ARGV[2]) then
+      data = redis.call('HGET', base .. 'spec', 'c0')
+    end
+    return { 1, sid, m[1], m[2], data }
+  end
+end
+local last = '0-0'
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  local info = redis.call('XINFO', 'STREAM', KEYS[2])
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then
+      last = info[i + 1]
+    end
+  end
+end
+return { 0, last }

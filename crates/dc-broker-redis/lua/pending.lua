@@ -1,0 +1,46 @@
+-- pending: list the leases held in a session, optionally only those idle past the session's
+-- lease (the reaper) or only those of one node (a node leaving). Pending entries that match no
+-- leased job are acked and deleted on the way.
+-- KEYS[1] session meta.
+-- ARGV: 1 session key base, 2 "lease" (idle past the lease) or "any", 3 node or "", 4 count.
+-- Returns a flat list of 5-tuples: job id, attempt, entry id, node, worker.
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return {}
+end
+local base = ARGV[1]
+local jobs = base .. 'jobs'
+local args = { 'XPENDING', jobs, 'w' }
+if ARGV[2] == 'lease' then
+  table.insert(args, 'IDLE')
+  table.insert(args, redis.call('HGET', KEYS[1], 'lease'))
+end
+table.insert(args, '-')
+table.insert(args, '+')
+table.insert(args, ARGV[4])
+if ARGV[3] ~= '' then
+  table.insert(args, ARGV[3])
+end
+local out = {}
+for _, p in ipairs(redis.call(unpack(args))) do
+  local id = p[1]
+  local r = redis.call('XRANGE', jobs, id, id)
+  local jid = false
+  if r[1] and type(r[1][2]) == 'table' then
+    local fields = r[1][2]
+    for i = 1, #fields, 2 do
+      if fields[i] == 'j' then
+        jid = fields[i + 1]
+      end
+    end
+  end
+  local s = jid and redis.call('HMGET', base .. 'job:' .. jid, 'st', 'att', 'e', 'node', 'worker')
+  if s and s[1] == 'l' and s[3] == id then
+    for _, v in ipairs({ jid, s[2], id, s[4], s[5] }) do
+      table.insert(out, v)
+    end
+  else
+    redis.call('XACK', jobs, 'w', id)
+    redis.call('XDEL', jobs, id)
+  end
+end
+return out

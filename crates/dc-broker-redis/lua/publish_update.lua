@@ -1,0 +1,25 @@
+-- publish_update: append an update to the session's log; entry id <seq>-0 makes the sequence
+-- number the stream id, so readers range over it directly. Never trimmed while the session lives.
+-- KEYS[1] session meta.
+-- ARGV: 1 session key base, 2 mode ("i" inline in ARGV[3], "s" ARGV[3] names a staged chunk
+--       hash, renamed to updb:<seq>), 3 payload or staged key, 4 chunk count, 5 length,
+--       6 key TTL ms.
+-- Returns the update's sequence number (1, 2, 3...). Error DCGONE when the session does not exist.
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  if ARGV[2] == 's' then
+    redis.call('UNLINK', ARGV[3])
+  end
+  return redis.error_reply('DCGONE session is gone')
+end
+local upd = ARGV[1] .. 'upd'
+local seq = redis.call('XLEN', upd) + 1
+if ARGV[2] == 's' then
+  local body = ARGV[1] .. 'updb:' .. seq
+  redis.call('RENAME', ARGV[3], body)
+  redis.call('PERSIST', body)
+  redis.call('XADD', upd, seq .. '-0', 'n', ARGV[4], 'len', ARGV[5])
+else
+  redis.call('XADD', upd, seq .. '-0', 'd', ARGV[3])
+end
+redis.call('PEXPIRE', upd, ARGV[6])
+return seq

@@ -1,0 +1,33 @@
+-- submit: queue jobs in order; a job id the session already knows is ignored (idempotent).
+-- KEYS[1] session meta.
+-- ARGV: 1 session key base, then per job 6 values: id, update seq, chunk count, length,
+--       mode ("i": payload inline in the next value; "s": the next value names a staged
+--       chunk hash, renamed to in:<id>), payload or staged key.
+-- Returns the number of jobs queued. Error DCGONE when the session does not exist.
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return redis.error_reply('DCGONE session is gone')
+end
+local base = ARGV[1]
+local added = 0
+for i = 2, #ARGV, 6 do
+  local jid, upd, n, len, mode, data = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
+  local job = base .. 'job:' .. jid
+  local input = base .. 'in:' .. jid
+  if redis.call('EXISTS', job) == 1 then
+    if mode == 's' then
+      redis.call('UNLINK', data)
+    end
+  else
+    if mode == 's' then
+      redis.call('RENAME', data, input)
+      redis.call('PERSIST', input)
+    else
+      redis.call('HSET', input, 'c0', data)
+    end
+    local id = redis.call('XADD', base .. 'jobs', '*', 'j', jid)
+    redis.call('HSET', job, 'st', 'q', 'att', 0, 'fails', 0, 'upd', upd, 'n', n, 'len', len, 'e', id)
+    added = added + 1
+  end
+end
+redis.call('HINCRBY', KEYS[1], 'q', added)
+return added

@@ -1,0 +1,216 @@
+//! Connections to Redis: a deadpool of multiplexed connections for ordinary commands, and
+//! free-lists of dedicated connections for blocking reads and bulk chunk transfers.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use dc_core::BrokerError;
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Client, ErrorKind, RedisError, ServerErrorKind};
+
+/// Response timeout of pooled connections (scripts and small commands).
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Response timeout of bulk connections (one chunk of up to 32 MiB per command).
+pub(crate) const BULK_TIMEOUT: Duration = Duration::from_secs(120);
+/// Added to a blocking read's wait for its response timeout.
+const BLOCK_SLACK: Duration = Duration::from_secs(5);
+/// Dedicated connections kept per free-list; more are closed when handed back.
+const FREE_LIST_MAX: usize = 16;
+
+/// Every connection this broker opens.
+pub(crate) struct Conns {
+    client: Client,
+    pool: deadpool_redis::Pool,
+    blocking: Mutex<Vec<MultiplexedConnection>>,
+    bulk: Mutex<Vec<MultiplexedConnection>>,
+    connect_timeout: Duration,
+    /// The URL with its password replaced, for messages.
+    pub(crate) target: String,
+}
+
+impl std::fmt::Debug for Conns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conns")
+            .field("target", &self.target)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Which free-list a dedicated connection comes from.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Kind {
+    /// `XREAD BLOCK`: response timeout = wait + 5 s, set per use.
+    Blocking,
+    /// Chunk `HSET`/`HGET`: response timeout 120 s.
+    Bulk,
+}
+
+/// A dedicated connection; goes back to its free-list when dropped, unless discarded.
+pub(crate) struct Dedicated<'a> {
+    conn: Option<MultiplexedConnection>,
+    conns: &'a Conns,
+    kind: Kind,
+}
+
+impl Dedicated<'_> {
+    pub(crate) fn conn(&mut self) -> &mut MultiplexedConnection {
+        self.conn
+            .as_mut()
+            .expect("a dedicated connection is present until dropped or discarded")
+    }
+
+    /// Close it instead of reusing it (after an error or a timeout it may be out of step).
+    pub(crate) fn discard(mut self) {
+        self.conn = None;
+    }
+}
+
+impl Drop for Dedicated<'_> {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            let mut list = lock(self.conns.list(self.kind));
+            if list.len() < FREE_LIST_MAX {
+                list.push(conn);
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Conns {
+    /// Set up the client and the pool (nothing is connected yet).
+    pub(crate) fn new(url: &str, connect_timeout: Duration) -> Result<Self, BrokerError> {
+        use redis::IntoConnectionInfo;
+        let target = dc_core::redact_url(url);
+        let bad_url = |e: RedisError| {
+            tracing::debug!(error = %e, "cannot use Redis URL {target}");
+            BrokerError::UnsupportedUrl(target.clone())
+        };
+        let info = url
+            .into_connection_info()
+            .map_err(bad_url)?
+            .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+        let client = Client::open(info.clone()).map_err(bad_url)?;
+        let manager = deadpool_redis::Manager::new(info).map_err(bad_url)?;
+        let pool = deadpool_redis::Pool::builder(manager)
+            .max_size(32)
+            .wait_timeout(Some(connect_timeout))
+            .create_timeout(Some(connect_timeout))
+            .recycle_timeout(Some(connect_timeout))
+            .runtime(deadpool_redis::Runtime::Tokio1)
+            .build()
+            .map_err(|e| BrokerError::Connection(format!("{target}: {e}")))?;
+        Ok(Conns {
+            client,
+            pool,
+            blocking: Mutex::new(Vec::new()),
+            bulk: Mutex::new(Vec::new()),
+            connect_timeout,
+            target,
+        })
+    }
+
+    fn list(&self, kind: Kind) -> &Mutex<Vec<MultiplexedConnection>> {
+        match kind {
+            Kind::Blocking => &self.blocking,
+            Kind::Bulk => &self.bulk,
+        }
+    }
+
+    /// A pooled connection for scripts and small commands.
+    pub(crate) async fn control(&self) -> Result<deadpool_redis::Connection, BrokerError> {
+        let mut conn = self.pool.get().await.map_err(|e| self.pool_error(e))?;
+        conn.set_response_timeout(CONTROL_TIMEOUT);
+        Ok(conn)
+    }
+
+    /// A dedicated connection from the free-list of `kind`, connecting a new one if it is empty.
+    pub(crate) async fn dedicated(&self, kind: Kind) -> Result<Dedicated<'_>, BrokerError> {
+        let reused = lock(self.list(kind)).pop();
+        let conn = match reused {
+            Some(conn) => conn,
+            None => {
+                let config = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(self.connect_timeout))
+                    .set_response_timeout(Some(match kind {
+                        Kind::Blocking => BLOCK_SLACK,
+                        Kind::Bulk => BULK_TIMEOUT,
+                    }));
+                let made = tokio::time::timeout(
+                    self.connect_timeout + Duration::from_millis(100),
+                    self.client
+                        .get_multiplexed_async_connection_with_config(&config),
+                )
+                .await
+                .map_err(|_| self.timed_out())?;
+                made.map_err(|e| self.error(e))?
+            }
+        };
+        Ok(Dedicated {
+            conn: Some(conn),
+            conns: self,
+            kind,
+        })
+    }
+
+    /// Set a blocking connection's response timeout for a read that blocks up to `wait`.
+    pub(crate) fn arm(conn: &mut Dedicated<'_>, wait: Duration) {
+        conn.conn().set_response_timeout(wait + BLOCK_SLACK);
+    }
+
+    pub(crate) fn timed_out(&self) -> BrokerError {
+        BrokerError::Connection(format!(
+            "{}: no answer within {:?}",
+            self.target, self.connect_timeout
+        ))
+    }
+
+    fn pool_error(&self, e: deadpool_redis::PoolError) -> BrokerError {
+        match e {
+            deadpool_redis::PoolError::Backend(e) => self.error(e),
+            other => BrokerError::Connection(format!("{}: {other}", self.target)),
+        }
+    }
+
+    /// Classify a Redis error: auth, connection trouble (transient), session gone, or protocol.
+    pub(crate) fn error(&self, e: RedisError) -> BrokerError {
+        let code = e.code().unwrap_or_default();
+        let text = e.to_string();
+        if e.kind() == ErrorKind::AuthenticationFailed
+            || matches!(code, "WRONGPASS" | "NOAUTH")
+            || text.contains("WRONGPASS")
+            || text.contains("NOAUTH")
+            || text.contains("invalid password")
+        {
+            return BrokerError::Auth(format!(
+                "{}: the Redis server refused the password ({text})",
+                self.target
+            ));
+        }
+        if code == "DCGONE" || text.contains("DCGONE") {
+            return BrokerError::SessionGone(String::new());
+        }
+        if e.is_io_error()
+            || e.is_timeout()
+            || e.is_connection_dropped()
+            || e.is_connection_refusal()
+            || matches!(
+                e.kind(),
+                ErrorKind::Server(
+                    ServerErrorKind::BusyLoading
+                        | ServerErrorKind::TryAgain
+                        | ServerErrorKind::ClusterDown
+                        | ServerErrorKind::MasterDown
+                        | ServerErrorKind::ReadOnly
+                )
+            )
+        {
+            return BrokerError::Connection(format!("{}: {text}", self.target));
+        }
+        BrokerError::Protocol(format!("{}: {text}", self.target))
+    }
+}

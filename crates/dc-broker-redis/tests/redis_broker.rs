@@ -1,0 +1,503 @@
+//! RedisBroker's own behaviour beyond the conformance suite: connection errors, chunked
+//! payloads, cleanup on close, and garbage in Redis.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dc_broker_redis::{RedisBroker, RedisOptions, redis_url};
+use dc_core::broker::{JobId, JobOutcome, NewJob, NodeId, NodeStatus, SessionId, WorkerId};
+use dc_core::{Broker, BrokerError};
+
+async fn broker_with(options: RedisOptions) -> RedisBroker {
+    RedisBroker::connect(&common::server().url(), options)
+        .await
+        .expect("connect to the dedicated redis-server")
+}
+
+async fn broker() -> (RedisBroker, String) {
+    let prefix = common::unique_prefix();
+    let options = RedisOptions {
+        prefix: prefix.clone(),
+        ..RedisOptions::default()
+    };
+    (broker_with(options).await, prefix)
+}
+
+fn raw() -> redis::Connection {
+    redis::Client::open(common::server().url())
+        .and_then(|c| c.get_connection())
+        .expect("a plain connection to the dedicated redis-server")
+}
+
+/// Every key matching `pattern` (SCAN).
+fn scan(pattern: &str) -> Vec<String> {
+    let mut conn = raw();
+    let mut cursor = 0u64;
+    let mut all = Vec::new();
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query(&mut conn)
+            .expect("SCAN");
+        all.extend(keys);
+        if next == 0 {
+            return all;
+        }
+        cursor = next;
+    }
+}
+
+async fn open(broker: &RedisBroker, lease: Duration) -> SessionId {
+    broker
+        .try_open_session(&dc_core::testing::spec(lease, 3))
+        .await
+        .expect("try_open_session")
+        .expect("no other session is active")
+        .id
+}
+
+fn pattern(n: usize, seed: u8) -> Bytes {
+    Bytes::from(
+        (0..n)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 13) as u8)
+            .collect::<Vec<u8>>(),
+    )
+}
+
+#[tokio::test]
+async fn wrong_password_is_an_auth_error_within_3s() {
+    let url = redis_url("127.0.0.1", common::server().port, Some("not-the-password"));
+    let started = Instant::now();
+    let err = RedisBroker::connect(&url, RedisOptions::default())
+        .await
+        .expect_err("a wrong password is refused");
+    assert!(matches!(err, BrokerError::Auth(_)), "got {err:?}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(!err.to_string().contains("not-the-password"), "{err}");
+}
+
+#[tokio::test]
+async fn missing_password_is_an_auth_error() {
+    let url = redis_url("127.0.0.1", common::server().port, None);
+    let err = RedisBroker::connect(&url, RedisOptions::default())
+        .await
+        .expect_err("no password is refused");
+    assert!(matches!(err, BrokerError::Auth(_)), "got {err:?}");
+}
+
+#[tokio::test]
+async fn nothing_listening_is_a_transient_connection_error_within_the_timeout() {
+    let port = common::free_port();
+    let url = redis_url("127.0.0.1", port, Some("hunter2"));
+    let options = RedisOptions {
+        connect_timeout: Duration::from_secs(2),
+        ..RedisOptions::default()
+    };
+    let started = Instant::now();
+    let err = RedisBroker::connect(&url, options)
+        .await
+        .expect_err("nothing listens there");
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(matches!(err, BrokerError::Connection(_)), "got {err:?}");
+    assert!(err.is_transient());
+    let message = err.to_string();
+    assert!(message.contains(&format!("127.0.0.1:{port}")), "{message}");
+    assert!(!message.contains("hunter2"), "{message}");
+}
+
+#[tokio::test]
+async fn unresolvable_host_is_a_connection_error_within_the_timeout() {
+    let options = RedisOptions {
+        connect_timeout: Duration::from_secs(2),
+        ..RedisOptions::default()
+    };
+    let started = Instant::now();
+    let err = RedisBroker::connect("redis://:pw@no-such-host.invalid:6379", options)
+        .await
+        .expect_err("no such host");
+    assert!(started.elapsed() < Duration::from_millis(2500));
+    assert!(matches!(err, BrokerError::Connection(_)), "got {err:?}");
+    assert!(!err.to_string().contains(":pw@"), "{err}");
+}
+
+#[tokio::test]
+async fn debug_never_prints_the_password() {
+    let broker = broker_with(RedisOptions::default()).await;
+    let shown = format!("{broker:?}");
+    assert!(!shown.contains(common::PASSWORD), "{shown}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payloads_of_40_mib_round_trip_in_chunks_and_leave_no_keys() {
+    let prefix = common::unique_prefix();
+    let broker = broker_with(RedisOptions {
+        prefix: prefix.clone(),
+        chunk_size: 4 << 20,
+        ..RedisOptions::default()
+    })
+    .await;
+    let s = open(&broker, Duration::from_secs(30)).await;
+    let job = pattern(40 << 20, 7);
+    let output = pattern(40 << 20, 99);
+    let started = Instant::now();
+    broker
+        .submit(
+            &s,
+            vec![NewJob {
+                id: JobId(1),
+                payload: job.clone(),
+                update_seq: 0,
+            }],
+        )
+        .await
+        .expect("submit");
+    let submitted = started.elapsed();
+    let leased = broker
+        .take_job(
+            &s,
+            &NodeId("n".into()),
+            &WorkerId("n/0".into()),
+            Duration::from_secs(1),
+        )
+        .await
+        .expect("take_job")
+        .expect("the job");
+    let taken = started.elapsed();
+    assert!(leased.payload == job, "the job payload changed in transit");
+    broker
+        .complete(&leased.lease, Ok(output.clone()))
+        .await
+        .expect("complete");
+    let completed = started.elapsed();
+    let results = broker
+        .take_results(&s, 10, Duration::from_secs(5))
+        .await
+        .expect("take_results");
+    let received = started.elapsed();
+    eprintln!(
+        "40 MiB each way: submit {submitted:?}, take {:?}, complete {:?}, results {:?}",
+        taken - submitted,
+        completed - taken,
+        received - completed
+    );
+    assert_eq!(results.len(), 1);
+    match &results[0].outcome {
+        JobOutcome::Done(bytes) => assert!(*bytes == output, "the result changed in transit"),
+        other => panic!("expected a result, got {other:?}"),
+    }
+    let left: Vec<String> = scan(&format!("{prefix}:*"))
+        .into_iter()
+        .filter(|k| k.contains(":in:") || k.contains(":out:") || k.contains(":stage:"))
+        .collect();
+    assert!(left.is_empty(), "chunk keys left behind: {left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_session_removes_every_key_of_the_session() {
+    let prefix = common::unique_prefix();
+    let broker = broker_with(RedisOptions {
+        prefix: prefix.clone(),
+        chunk_size: 1 << 20,
+        ..RedisOptions::default()
+    })
+    .await;
+    let s = open(&broker, Duration::from_secs(30)).await;
+    let mut jobs: Vec<NewJob> = (0..10)
+        .map(|i| NewJob {
+            id: JobId(i),
+            payload: Bytes::from(vec![i as u8; 100]),
+            update_seq: 0,
+        })
+        .collect();
+    jobs.push(NewJob {
+        id: JobId(100),
+        payload: pattern(3 << 20, 1),
+        update_seq: 0,
+    });
+    broker.submit(&s, jobs).await.expect("submit");
+    broker
+        .publish_update(&s, Bytes::from_static(b"small update"))
+        .await
+        .expect("publish");
+    broker
+        .publish_update(&s, pattern(2 << 20, 2))
+        .await
+        .expect("publish a chunked update");
+    let node = NodeId("n".into());
+    for _ in 0..3 {
+        let job = broker
+            .take_job(
+                &s,
+                &node,
+                &WorkerId("n/0".into()),
+                Duration::from_millis(50),
+            )
+            .await
+            .expect("take_job")
+            .expect("a job");
+        broker
+            .complete(&job.lease, Ok(pattern(2 << 20, 3)))
+            .await
+            .expect("complete");
+    }
+    broker
+        .report_problem(
+            &s,
+            dc_core::broker::NodeProblem::UnknownKind {
+                node: node.clone(),
+                known: vec![],
+            },
+        )
+        .await
+        .expect("report");
+    let tagged = format!("{prefix}:{{{}}}:*", s.0);
+    assert!(!scan(&tagged).is_empty());
+    broker.close_session(&s).await.expect("close");
+    let left = scan(&tagged);
+    assert!(left.is_empty(), "keys left after close: {left:?}");
+    let err = broker
+        .take_job(&s, &node, &WorkerId("n/0".into()), Duration::ZERO)
+        .await
+        .expect_err("the session is gone");
+    assert!(matches!(err, BrokerError::SessionGone(_)), "got {err:?}");
+}
+
+#[tokio::test]
+async fn garbage_in_redis_is_an_error_not_a_panic() {
+    let (broker, prefix) = broker().await;
+    let s = open(&broker, Duration::from_secs(30)).await;
+    let base = format!("{prefix}:{{{}}}:", s.0);
+    let mut conn = raw();
+    let mut run = |cmd: &mut redis::Cmd| {
+        cmd.query::<redis::Value>(&mut conn).expect("plant garbage");
+    };
+
+    // A node status that is not CBOR.
+    broker
+        .heartbeat(&NodeStatus {
+            node: NodeId("good".into()),
+            host: "h".into(),
+            kinds: vec![],
+            workers: vec![],
+            leases: vec![],
+        })
+        .await
+        .expect("heartbeat");
+    run(redis::cmd("SET")
+        .arg(format!("{prefix}:node:good"))
+        .arg(&b"\xff\x00garbage"[..]));
+    let err = broker
+        .nodes(Duration::from_secs(60))
+        .await
+        .expect_err("a garbage status");
+    assert!(matches!(err, BrokerError::Protocol(_)), "got {err:?}");
+    // Stats skip it rather than fail the pool.
+    broker.session_stats(&s).await.expect("stats");
+
+    // A result notice for a job that has no result.
+    run(redis::cmd("XADD")
+        .arg(format!("{base}results"))
+        .arg("*")
+        .arg("j")
+        .arg("not-a-number"));
+    let err = broker
+        .take_results(&s, 10, Duration::from_millis(100))
+        .await
+        .expect_err("a garbage result notice");
+    assert!(matches!(err, BrokerError::Protocol(_)), "got {err:?}");
+
+    // An update entry with neither a body nor chunks.
+    run(redis::cmd("XADD")
+        .arg(format!("{base}upd"))
+        .arg("1-0")
+        .arg("junk")
+        .arg("x"));
+    let err = broker
+        .read_updates(&s, 0, 10)
+        .await
+        .expect_err("a garbage update");
+    assert!(matches!(err, BrokerError::Protocol(_)), "got {err:?}");
+
+    // A job entry that names no job is dropped; the real job behind it is still handed out.
+    run(redis::cmd("XADD")
+        .arg(format!("{base}jobs"))
+        .arg("*")
+        .arg("garbage")
+        .arg("entry"));
+    broker
+        .submit(
+            &s,
+            vec![NewJob {
+                id: JobId(5),
+                payload: Bytes::from_static(b"real"),
+                update_seq: 0,
+            }],
+        )
+        .await
+        .expect("submit");
+    let job = broker
+        .take_job(
+            &s,
+            &NodeId("n".into()),
+            &WorkerId("n/0".into()),
+            Duration::from_millis(200),
+        )
+        .await
+        .expect("take_job")
+        .expect("the real job");
+    assert_eq!(job.lease.job, JobId(5));
+
+    // A job's payload chunk deleted behind the broker's back.
+    broker
+        .submit(
+            &s,
+            vec![NewJob {
+                id: JobId(6),
+                payload: Bytes::from_static(b"lost"),
+                update_seq: 0,
+            }],
+        )
+        .await
+        .expect("submit");
+    run(redis::cmd("SET")
+        .arg(format!("{base}in:6"))
+        .arg("not a hash"));
+    let err = broker
+        .take_job(
+            &s,
+            &NodeId("n".into()),
+            &WorkerId("n/0".into()),
+            Duration::from_millis(200),
+        )
+        .await
+        .expect_err("a payload of the wrong type");
+    assert!(matches!(err, BrokerError::Protocol(_)), "got {err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renew_by_a_node_that_lost_the_lease_does_nothing() {
+    let (broker, _) = broker().await;
+    let lease = Duration::from_millis(300);
+    let s = open(&broker, lease).await;
+    broker
+        .submit(
+            &s,
+            vec![NewJob {
+                id: JobId(1),
+                payload: Bytes::from_static(b"j"),
+                update_seq: 0,
+            }],
+        )
+        .await
+        .expect("submit");
+    let node = |n: &str| NodeId(n.into());
+    let first = broker
+        .take_job(
+            &s,
+            &node("zombie"),
+            &WorkerId("zombie/0".into()),
+            Duration::ZERO,
+        )
+        .await
+        .expect("take")
+        .expect("the job");
+    // The zombie's lease expires and the job goes to another node.
+    let mut reaped = 0;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while reaped == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        broker.keep_session_alive(&s).await.expect("keep alive");
+        reaped = broker.reap_expired().await.expect("reap");
+    }
+    assert_eq!(reaped, 1);
+    let second = broker
+        .take_job(
+            &s,
+            &node("alive"),
+            &WorkerId("alive/0".into()),
+            Duration::ZERO,
+        )
+        .await
+        .expect("take")
+        .expect("the job again");
+    // The zombie keeps heartbeating its old lease, and even forges one naming the new entry.
+    let mut forged = second.lease.clone();
+    forged.node = node("zombie");
+    for _ in 0..6 {
+        broker
+            .heartbeat(&NodeStatus {
+                node: node("zombie"),
+                host: "h".into(),
+                kinds: vec![],
+                workers: vec![],
+                leases: vec![first.lease.clone(), forged.clone()],
+            })
+            .await
+            .expect("heartbeat");
+        broker.keep_session_alive(&s).await.expect("keep alive");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The live node never renewed, so its lease expired regardless of the zombie.
+    assert_eq!(broker.reap_expired().await.expect("reap"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_take_complete_round_trip_is_fast() {
+    let (broker, _) = broker().await;
+    let broker: Arc<dyn Broker> = Arc::new(broker);
+    let s = open_dyn(broker.as_ref()).await;
+    let n = 200u64;
+    broker
+        .submit(
+            &s,
+            (0..n)
+                .map(|i| NewJob {
+                    id: JobId(i),
+                    payload: Bytes::from(vec![1u8; 64]),
+                    update_seq: 0,
+                })
+                .collect(),
+        )
+        .await
+        .expect("submit");
+    let started = Instant::now();
+    for _ in 0..n {
+        let job = broker
+            .take_job(
+                &s,
+                &NodeId("n".into()),
+                &WorkerId("n/0".into()),
+                Duration::ZERO,
+            )
+            .await
+            .expect("take")
+            .expect("a job");
+        broker
+            .complete(&job.lease, Ok(Bytes::from_static(b"out")))
+            .await
+            .expect("complete");
+    }
+    let per_job = started.elapsed() / n as u32;
+    eprintln!("take + complete round trip: {per_job:?} per job");
+    assert!(per_job < Duration::from_millis(50), "{per_job:?}");
+}
+
+async fn open_dyn(broker: &dyn Broker) -> SessionId {
+    broker
+        .try_open_session(&dc_core::testing::spec(Duration::from_secs(30), 3))
+        .await
+        .expect("try_open_session")
+        .expect("no other session is active")
+        .id
+}

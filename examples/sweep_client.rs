@@ -1,0 +1,81 @@
+//! The MLP sweep on a head node: opens a pool on `-a HOST -p PORT -r PASSWORD` (or
+//! `DC_ADDRESS`, `DC_PORT`, `DC_PASSWORD`), streams results with `imap_unordered`,
+//! broadcasts each new best with `update_workers`, and prints the results table.
+//!
+//! ```text
+//! cargo run --release --example sweep_client -- -a 10.0.0.5 -p 8899 -r 123456
+//! ```
+//!
+//! Start the nodes first with the `sweep_node` example (same worker kind).
+
+mod mlp;
+
+use std::process::ExitCode;
+
+use distributed_computing::{BoxError, DEFAULT_PORT, Pool};
+use mlp::{DatasetSpec, MlpSweep, sweep};
+
+fn main() -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(client()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sweep_client failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+struct Target {
+    address: String,
+    port: u16,
+    password: String,
+}
+
+fn parse_args() -> Result<Target, BoxError> {
+    let mut target = Target {
+        address: std::env::var("DC_ADDRESS").unwrap_or_else(|_| "localhost".into()),
+        port: match std::env::var("DC_PORT") {
+            Ok(p) => p.parse()?,
+            Err(_) => DEFAULT_PORT,
+        },
+        password: std::env::var("DC_PASSWORD").unwrap_or_default(),
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "-a" | "--address" => target.address = value,
+            "-p" | "--port" => target.port = value.parse()?,
+            "-r" | "--password" => target.password = value,
+            other => {
+                return Err(format!("unknown flag {other}: use -a HOST -p PORT -r PASSWORD").into());
+            }
+        }
+    }
+    if target.password.is_empty() {
+        return Err("no password: pass -r PASSWORD or set DC_PASSWORD".into());
+    }
+    Ok(target)
+}
+
+async fn client() -> Result<(), BoxError> {
+    let target = parse_args()?;
+    let pool = Pool::<MlpSweep>::builder(DatasetSpec::default())
+        .address(target.address)
+        .port(target.port)
+        .password(target.password)
+        .connect()
+        .await?;
+    let outcome = sweep(&pool).await;
+    let closed = pool.close().await;
+    outcome?;
+    closed?;
+    Ok(())
+}

@@ -1,0 +1,649 @@
+//! The command line shared by `dc-cli` and a user's own node binary (`main_with`).
+//!
+//! Every flag also has a `DC_*` environment form and a `dc.toml` form, merged by figment:
+//! defaults, then the config file, then the environment, then the flags.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use dc_core::Registry;
+use dc_core::agent::WorkerCommand;
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+use crate::node::{
+    HeadOptions, NodeError, NodeOptions, ServerOptions, default_state_dir, node_pid,
+    start_head_node, start_node, start_server,
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "dc-cli",
+    version,
+    about = "Distributed GPU computations made easy: start nodes, see the pool, stop nodes.",
+    after_help = "Every flag can also come from DC_<FLAG> (e.g. DC_PASSWORD, DC_CPU_WORKERS) or from a dc.toml config file (--config)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Start a node here: a worker node (-a HEAD), a head node (--head: pool server plus a
+    /// worker node), or a pool server only (--server-only). Runs until stopped.
+    StartNode(StartNode),
+    /// Show the nodes, their workers, and the active pool.
+    Status(Status),
+    /// Stop the node running here (this state directory).
+    Stop(Stop),
+    /// List the GPUs a node here would use, and the environment each worker gets.
+    Devices(Devices),
+}
+
+/// Flags shared by commands that reach a pool server.
+#[derive(Debug, Args, Serialize, Default)]
+struct Connection {
+    /// Address of the head node (pool server).
+    #[arg(short = 'a', long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    address: Option<String>,
+    /// Pool port.
+    #[arg(short = 'p', long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    port: Option<u16>,
+    /// Pool password (prefer --password-file or DC_PASSWORD: flags show in `ps`).
+    #[arg(short = 'r', long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    password: Option<String>,
+    /// Read the password from this file (first line).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    password_file: Option<PathBuf>,
+    /// Use an existing broker by URL instead of a head node (redis://…).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    broker: Option<String>,
+    /// Config file (TOML); default: ./dc.toml when it exists.
+    #[arg(long)]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args, Serialize)]
+struct StartNode {
+    #[command(flatten)]
+    #[serde(flatten)]
+    connection: Connection,
+    /// Start a head node: the pool server (redis-server) and a worker node.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    head: bool,
+    /// Start only the pool server, no local workers.
+    #[arg(long, conflicts_with = "head")]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    server_only: bool,
+    /// CPU worker processes when there is no GPU (default 0).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cpu_workers: Option<usize>,
+    /// GPUs to use: auto, none, or a list of indices or UUID prefixes.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gpus: Option<String>,
+    /// Worker processes per GPU.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    workers_per_gpu: Option<usize>,
+    /// State directory (one node per state dir).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    state_dir: Option<PathBuf>,
+    /// Addresses the pool server listens on (head / server-only), comma-separated.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bind: Option<String>,
+    /// Heartbeat period in milliseconds.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    heartbeat_ms: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+struct Status {
+    #[command(flatten)]
+    connection: Connection,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct Stop {
+    /// State directory of the node to stop.
+    #[arg(long, env = "DC_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct Devices {
+    /// GPUs to use: auto, none, or a list of indices or UUID prefixes.
+    #[arg(long, default_value = "auto")]
+    gpus: String,
+}
+
+/// The merged configuration (file + environment + flags).
+#[derive(Debug, Deserialize, Serialize)]
+struct Config {
+    address: String,
+    port: u16,
+    password: Option<String>,
+    password_file: Option<PathBuf>,
+    broker: Option<String>,
+    head: bool,
+    server_only: bool,
+    cpu_workers: usize,
+    gpus: String,
+    workers_per_gpu: usize,
+    state_dir: Option<PathBuf>,
+    bind: String,
+    heartbeat_ms: u64,
+    /// Worker kinds served by external programs: kind = ["program", "arg", …].
+    external_workers: BTreeMap<String, Vec<String>>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            address: "localhost".into(),
+            port: dc_core::DEFAULT_PORT,
+            password: None,
+            password_file: None,
+            broker: None,
+            head: false,
+            server_only: false,
+            cpu_workers: 0,
+            gpus: "auto".into(),
+            workers_per_gpu: 1,
+            state_dir: None,
+            bind: "*,-::*".into(),
+            heartbeat_ms: 1000,
+            external_workers: BTreeMap::new(),
+        }
+    }
+}
+
+impl Config {
+    fn load(flags: &impl Serialize, config_file: Option<&PathBuf>) -> Result<Self, String> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        match config_file {
+            Some(path) if !path.exists() => {
+                return Err(format!("config file {} does not exist", path.display()));
+            }
+            Some(path) => figment = figment.merge(Toml::file(path)),
+            None => figment = figment.merge(Toml::file("dc.toml")),
+        }
+        figment = figment
+            .merge(Env::prefixed("DC_").only(&[
+                "address",
+                "port",
+                "password",
+                "password_file",
+                "broker",
+                "cpu_workers",
+                "gpus",
+                "workers_per_gpu",
+                "state_dir",
+                "bind",
+                "heartbeat_ms",
+            ]))
+            .merge(Serialized::defaults(flags));
+        figment.extract().map_err(|e| format!("configuration: {e}"))
+    }
+
+    fn password(&self) -> Result<String, String> {
+        if let Some(p) = &self.password {
+            return Ok(p.clone());
+        }
+        if let Some(file) = &self.password_file {
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| format!("cannot read password file {}: {e}", file.display()))?;
+            return Ok(text.lines().next().unwrap_or_default().to_string());
+        }
+        Err("no password: pass -r PASSWORD, --password-file FILE or DC_PASSWORD".into())
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self.state_dir.clone().unwrap_or_else(default_state_dir)
+    }
+
+    fn broker_url(&self, password: &str) -> String {
+        self.broker
+            .clone()
+            .unwrap_or_else(|| dc_broker_redis::redis_url(&self.address, self.port, Some(password)))
+    }
+}
+
+/// Run the whole CLI for a node binary whose workers are in `registry`: `start-node`,
+/// `status`, `stop`, `devices`, plus the hidden worker-process mode nodes spawn. Same flags as
+/// `dc-cli`.
+///
+/// # Examples
+/// ```no_run
+/// use distributed_computing::Registry;
+/// fn main() -> std::process::ExitCode {
+///     distributed_computing::main_with(Registry::new() /* .register::<MyWorker>() */)
+/// }
+/// ```
+pub fn main_with(registry: Registry) -> ExitCode {
+    registry.serve_if_worker();
+    main_with_args(std::env::args_os().collect())
+}
+
+/// [`main_with`] with explicit arguments (`args[0]` is the program name). The registry must
+/// already have served (`serve_if_worker`).
+pub fn main_with_args(args: Vec<std::ffi::OsString>) -> ExitCode {
+    let cli = match Cli::try_parse_from(&args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    init_tracing();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let program = args
+        .first()
+        .map(|a| {
+            PathBuf::from(a)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "dc-cli".into())
+        })
+        .unwrap_or_else(|| "dc-cli".into());
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::StartNode(cmd) => run_start_node(cmd, &program).await,
+            Command::Status(cmd) => run_status(cmd).await,
+            Command::Stop(cmd) => run_stop(cmd).await,
+            Command::Devices(cmd) => run_devices(cmd),
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DC_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn run_start_node(cmd: StartNode, program: &str) -> Result<ExitCode, String> {
+    let config = Config::load(&cmd, cmd.connection.config.as_ref())?;
+    let password = config.password()?;
+    let gpus: dc_gpu::GpuSelection = config.gpus.parse().map_err(|e| format!("--gpus: {e}"))?;
+    let state_dir = config.state_dir();
+    let bind: Vec<String> = config
+        .bind
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    let mut node = NodeOptions::new(password.clone())
+        .address(config.address.clone())
+        .port(config.port)
+        .gpus(gpus)
+        .workers_per_gpu(config.workers_per_gpu)
+        .cpu_workers(config.cpu_workers)
+        .state_dir(state_dir.clone())
+        .heartbeat(Duration::from_millis(config.heartbeat_ms));
+    if let Some(url) = &config.broker {
+        node = node.broker(url.clone());
+    }
+    for (kind, argv) in &config.external_workers {
+        let Some((program, args)) = argv.split_first() else {
+            return Err(format!("external_workers.{kind}: empty command"));
+        };
+        node = node.external_worker(
+            kind.clone(),
+            WorkerCommand {
+                program: program.into(),
+                args: args.iter().map(Into::into).collect(),
+            },
+        );
+    }
+
+    if config.server_only {
+        let options = ServerOptions::new(password.clone())
+            .port(config.port)
+            .bind(bind)
+            .state_dir(state_dir);
+        let mut server = start_server(options).await.map_err(|e| e.to_string())?;
+        if !server.started_here() {
+            println!(
+                "a pool server already runs on port {}; nothing to do",
+                config.port
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        print_worker_command(program, config.port, &password);
+        tokio::select! {
+            r = server.wait() => r.map_err(|e| e.to_string())?,
+            _ = shutdown_signal() => server.terminate().await.map_err(|e| e.to_string())?,
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+
+    if config.head {
+        let mut options = HeadOptions::new(password.clone())
+            .port(config.port)
+            .bind(bind)
+            .state_dir(state_dir);
+        options = options.node(|_| node.address("127.0.0.1"));
+        let mut head = match start_head_node(options).await {
+            Ok(head) => head,
+            Err(NodeError::AlreadyRunning { pid, dir }) => {
+                println!(
+                    "a node is already running here (pid {pid}, state dir {}); nothing to do",
+                    dir.display()
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            Err(e) => return Err(e.to_string()),
+        };
+        print_worker_command(program, config.port, &password);
+        tokio::select! {
+            r = head.wait() => r.map_err(|e| e.to_string())?,
+            _ = shutdown_signal() => head.terminate().await.map_err(|e| e.to_string())?,
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+
+    let mut handle = match start_node(node).await {
+        Ok(handle) => handle,
+        Err(NodeError::AlreadyRunning { pid, dir }) => {
+            println!(
+                "a node is already running here (pid {pid}, state dir {}); nothing to do",
+                dir.display()
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+    tokio::select! {
+        r = handle.wait() => r.map_err(|e| e.to_string())?,
+        _ = shutdown_signal() => handle.terminate().await.map_err(|e| e.to_string())?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the node still stops when killed; wait forever here.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = int.recv() => tracing::info!("interrupted: stopping"),
+    }
+}
+
+fn print_worker_command(program: &str, port: u16, password: &str) {
+    let address = reachable_address();
+    let line = "*".repeat(90);
+    println!("{line}");
+    println!("To start a worker node, type:");
+    println!("{program} start-node -p {port} -a {address} -r {password}");
+    println!("{line}");
+}
+
+/// An address of this machine that other machines can likely reach: the first non-loopback
+/// IPv4 address of an interface that is up, else the host name.
+fn reachable_address() -> String {
+    use nix::net::if_::InterfaceFlags;
+    if let Ok(addrs) = nix::ifaddrs::getifaddrs() {
+        for ifa in addrs {
+            let up = ifa.flags.contains(InterfaceFlags::IFF_UP)
+                && !ifa.flags.contains(InterfaceFlags::IFF_LOOPBACK);
+            if !up {
+                continue;
+            }
+            if let Some(ip) = ifa.address.as_ref().and_then(|a| a.as_sockaddr_in()) {
+                return ip.ip().to_string();
+            }
+        }
+    }
+    dc_core::agent::host_name()
+}
+
+#[derive(Debug, Serialize)]
+struct StatusReport {
+    server: String,
+    nodes: Vec<NodeReport>,
+    pool: Option<PoolReport>,
+}
+
+#[derive(Debug, Serialize)]
+struct NodeReport {
+    node: String,
+    host: String,
+    devices: Vec<String>,
+    slots: usize,
+    busy: usize,
+    idle: usize,
+    starting: usize,
+    last_heartbeat_ms: u128,
+}
+
+#[derive(Debug, Serialize)]
+struct PoolReport {
+    session: String,
+    kind: String,
+    owner: String,
+    workers: usize,
+    nodes: usize,
+    queued: usize,
+    running: usize,
+    done: usize,
+    failed: usize,
+}
+
+async fn run_status(cmd: Status) -> Result<ExitCode, String> {
+    let config = Config::load(&cmd.connection, cmd.connection.config.as_ref())?;
+    let password = config.password()?;
+    let url = config.broker_url(&password);
+    let broker = crate::backends::broker_from_url(&url, Duration::from_secs(5))
+        .await
+        .map_err(|e| e.to_string())?;
+    let seen = broker
+        .nodes(Duration::from_secs(60))
+        .await
+        .map_err(|e| e.to_string())?;
+    let nodes = seen
+        .iter()
+        .map(|n| {
+            let count = |state| n.status.workers.iter().filter(|w| w.state == state).count();
+            NodeReport {
+                node: n.status.node.to_string(),
+                host: n.status.host.clone(),
+                devices: n
+                    .status
+                    .workers
+                    .iter()
+                    .flat_map(|w| w.devices.iter().cloned())
+                    .collect(),
+                slots: n.status.workers.len(),
+                busy: count(dc_core::broker::WorkerState::Busy),
+                idle: count(dc_core::broker::WorkerState::Idle),
+                starting: count(dc_core::broker::WorkerState::Starting),
+                last_heartbeat_ms: n.ago.as_millis(),
+            }
+        })
+        .collect();
+    let pool = match broker
+        .active_session(Duration::ZERO)
+        .await
+        .map_err(|e| e.to_string())?
+    {
+        Some(info) => {
+            let stats = broker
+                .session_stats(&info.id)
+                .await
+                .map_err(|e| e.to_string())?;
+            Some(PoolReport {
+                session: info.id.to_string(),
+                kind: info.spec.kind.clone(),
+                owner: info.spec.owner.clone(),
+                workers: stats.workers,
+                nodes: stats.nodes,
+                queued: stats.queued,
+                running: stats.running,
+                done: stats.done,
+                failed: stats.failed,
+            })
+        }
+        None => None,
+    };
+    let report = StatusReport {
+        server: dc_core::redact_url(&url),
+        nodes,
+        pool,
+    };
+    if cmd.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?
+        );
+    } else {
+        print_status(&report);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_status(report: &StatusReport) {
+    println!("server: {}", report.server);
+    println!("nodes: {}", report.nodes.len());
+    if !report.nodes.is_empty() {
+        println!(
+            "  {:<28} {:<20} {:>5} {:>5} {:>5} {:>8} {:>9}  devices",
+            "node", "host", "slots", "busy", "idle", "starting", "heartbeat"
+        );
+        for n in &report.nodes {
+            println!(
+                "  {:<28} {:<20} {:>5} {:>5} {:>5} {:>8} {:>7}ms  {}",
+                n.node,
+                n.host,
+                n.slots,
+                n.busy,
+                n.idle,
+                n.starting,
+                n.last_heartbeat_ms,
+                if n.devices.is_empty() {
+                    "cpu".to_string()
+                } else {
+                    n.devices.join(",")
+                }
+            );
+        }
+    }
+    match &report.pool {
+        Some(p) => {
+            println!(
+                "pool: {} (worker kind {:?}, opened by {})",
+                p.session, p.kind, p.owner
+            );
+            println!(
+                "  workers {} on {} node(s); jobs queued {}, running {}, done {}, failed {}",
+                p.workers, p.nodes, p.queued, p.running, p.done, p.failed
+            );
+        }
+        None => println!("pool: none active"),
+    }
+}
+
+async fn run_stop(cmd: Stop) -> Result<ExitCode, String> {
+    let dir = cmd.state_dir.unwrap_or_else(default_state_dir);
+    let Some(pid) = node_pid(&dir) else {
+        println!("no node is running here (state dir {})", dir.display());
+        return Ok(ExitCode::SUCCESS);
+    };
+    let raw = i32::try_from(pid).map_err(|_| format!("bad pid {pid}"))?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(raw),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .map_err(|e| format!("cannot signal node {pid}: {e}"))?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while crate::node::is_node_running_in(&dir) {
+        if std::time::Instant::now() > deadline {
+            return Err(format!("node {pid} did not stop within 30 s"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("node {pid} stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_devices(cmd: Devices) -> Result<ExitCode, String> {
+    let selection: dc_gpu::GpuSelection = cmd.gpus.parse().map_err(|e| format!("--gpus: {e}"))?;
+    let inventory = dc_gpu::discover_with(&dc_gpu::EnvSnapshot::from_process(), &selection);
+    for warning in &inventory.warnings {
+        eprintln!("warning: {warning}");
+    }
+    if inventory.gpus.is_empty() {
+        println!(
+            "no GPUs: {}",
+            inventory.cpu_reason.as_deref().unwrap_or("none found")
+        );
+        println!("a node here runs CPU workers only when asked (--cpu-workers N)");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{} GPU(s), found in {:.1} ms:",
+        inventory.gpus.len(),
+        inventory.took.as_secs_f64() * 1e3
+    );
+    for gpu in &inventory.gpus {
+        println!(
+            "  [{}] {}  {}  {:.0} GiB  bus {}",
+            gpu.index,
+            gpu.uuid,
+            gpu.name,
+            gpu.memory_total as f64 / (1u64 << 30) as f64,
+            gpu.pci_bus_id
+        );
+        let env: Vec<String> = dc_gpu::worker_env(Some(gpu))
+            .into_iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        println!("      worker env: {}", env.join(" "));
+    }
+    Ok(ExitCode::SUCCESS)
+}

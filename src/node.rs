@@ -1,0 +1,643 @@
+//! Nodes, servers and heads, from code: `start_node`, `start_head_node`, `start_server`,
+//! `start_redis`, `is_server_running`, `is_node_running`. The CLI maps onto these 1:1.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dc_broker_redis::server::{Probe, RedisProcess, RedisServerOptions, probe, start_redis_server};
+use dc_core::agent::{AgentConfig, AgentHandle, SlotSpec, WorkerCommand, host_name, spawn_agent};
+use dc_core::broker::NodeId;
+use dc_core::{Broker, DEFAULT_PORT, PoolError, Registry};
+use dc_gpu::GpuSelection;
+
+pub use dc_broker_redis::server::ServerError;
+
+/// Why a node, server or head could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// Another node already runs with this state directory (not an error for the CLI, which
+    /// exits peacefully, as the seed does).
+    #[error("a node is already running here (pid {pid}, state dir {dir})")]
+    AlreadyRunning {
+        /// Its pid, if recorded.
+        pid: String,
+        /// The state directory.
+        dir: PathBuf,
+    },
+    /// The pool server (redis-server) could not start.
+    #[error(transparent)]
+    Server(#[from] ServerError),
+    /// The broker could not be reached or refused us.
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    /// The options are wrong; the message says how.
+    #[error("{0}")]
+    Config(String),
+    /// The state directory could not be used.
+    #[error("state dir {dir}: {source}")]
+    StateDir {
+        /// The directory.
+        dir: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// The state directory used when none is given: `$DC_STATE_DIR`, else
+/// `$XDG_STATE_HOME/distributed-computing`, else `~/.local/state/distributed-computing`.
+pub fn default_state_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("DC_STATE_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    if let Some(dir) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("distributed-computing");
+    }
+    match std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+        Some(home) => PathBuf::from(home).join(".local/state/distributed-computing"),
+        None => std::env::temp_dir().join("distributed-computing"),
+    }
+}
+
+/// How to start a worker node.
+#[derive(Clone)]
+pub struct NodeOptions {
+    pub(crate) password: String,
+    pub(crate) address: String,
+    pub(crate) port: u16,
+    pub(crate) broker: Option<String>,
+    pub(crate) gpus: GpuSelection,
+    pub(crate) workers_per_gpu: usize,
+    pub(crate) cpu_workers: usize,
+    pub(crate) worker_program: Option<PathBuf>,
+    pub(crate) kinds: Option<Vec<String>>,
+    pub(crate) external: BTreeMap<String, WorkerCommand>,
+    pub(crate) state_dir: Option<PathBuf>,
+    pub(crate) heartbeat: Duration,
+    pub(crate) connect_timeout: Duration,
+}
+
+impl std::fmt::Debug for NodeOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeOptions")
+            .field("address", &self.address)
+            .field("port", &self.port)
+            .field("gpus", &self.gpus)
+            .field("workers_per_gpu", &self.workers_per_gpu)
+            .field("cpu_workers", &self.cpu_workers)
+            .field("state_dir", &self.state_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NodeOptions {
+    /// A node joining the pool server at `localhost:8899` with this password.
+    pub fn new(password: impl Into<String>) -> Self {
+        NodeOptions {
+            password: password.into(),
+            address: "localhost".into(),
+            port: DEFAULT_PORT,
+            broker: None,
+            gpus: GpuSelection::Auto,
+            workers_per_gpu: 1,
+            cpu_workers: 0,
+            worker_program: None,
+            kinds: None,
+            external: BTreeMap::new(),
+            state_dir: None,
+            heartbeat: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// The pool server's address (the head node).
+    pub fn address(mut self, address: impl Into<String>) -> Self {
+        self.address = address.into();
+        self
+    }
+
+    /// The pool server's port (default 8899).
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = port;
+        self
+    }
+
+    /// An existing broker by URL instead of a head node (`redis://…`).
+    pub fn broker(mut self, url: impl Into<String>) -> Self {
+        self.broker = Some(url.into());
+        self
+    }
+
+    /// Which GPUs to use (default: every visible one).
+    pub fn gpus(mut self, gpus: GpuSelection) -> Self {
+        self.gpus = gpus;
+        self
+    }
+
+    /// Worker processes per GPU (default 1).
+    pub fn workers_per_gpu(mut self, n: usize) -> Self {
+        self.workers_per_gpu = n.max(1);
+        self
+    }
+
+    /// CPU worker processes when the node has no GPU (default 0: a CPU box must not silently
+    /// take GPU jobs).
+    pub fn cpu_workers(mut self, n: usize) -> Self {
+        self.cpu_workers = n;
+        self
+    }
+
+    /// The worker program (default: this executable, which must call `serve_if_worker` or be
+    /// built with `main_with`).
+    pub fn worker_program(mut self, path: impl Into<PathBuf>) -> Self {
+        self.worker_program = Some(path.into());
+        self
+    }
+
+    /// The kinds the worker program serves (default: those this executable registered).
+    pub fn kinds(mut self, kinds: Vec<String>) -> Self {
+        self.kinds = Some(kinds);
+        self
+    }
+
+    /// Serve `kind` with another program speaking the frame protocol (any language).
+    pub fn external_worker(mut self, kind: impl Into<String>, command: WorkerCommand) -> Self {
+        self.external.insert(kind.into(), command);
+        self
+    }
+
+    /// The state directory (one node per state dir).
+    pub fn state_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.state_dir = Some(dir.into());
+        self
+    }
+
+    /// How often the node heartbeats, renewing its leases (default 1 s).
+    pub fn heartbeat(mut self, period: Duration) -> Self {
+        self.heartbeat = period.max(Duration::from_millis(50));
+        self
+    }
+
+    fn broker_url(&self) -> String {
+        self.broker.clone().unwrap_or_else(|| {
+            dc_broker_redis::redis_url(&self.address, self.port, Some(&self.password))
+        })
+    }
+}
+
+/// Holds a state directory for one node: released when dropped (or when the process dies).
+#[derive(Debug)]
+struct StateLock {
+    _lock: nix::fcntl::Flock<File>,
+    dir: PathBuf,
+}
+
+impl StateLock {
+    fn acquire(dir: &Path) -> Result<Self, NodeError> {
+        let io = |source| NodeError::StateDir {
+            dir: dir.to_path_buf(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join("node.lock"))
+            .map_err(io)?;
+        let lock = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        {
+            Ok(lock) => lock,
+            Err((_, _)) => {
+                let pid = std::fs::read_to_string(dir.join("node.pid"))
+                    .map(|s| s.trim().to_string())
+                    .unwrap_or_else(|_| "unknown".into());
+                return Err(NodeError::AlreadyRunning {
+                    pid,
+                    dir: dir.to_path_buf(),
+                });
+            }
+        };
+        let mut pid_file = File::create(dir.join("node.pid")).map_err(io)?;
+        writeln!(pid_file, "{}", std::process::id()).map_err(io)?;
+        Ok(StateLock {
+            _lock: lock,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    fn is_held(dir: &Path) -> bool {
+        let Ok(file) = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join("node.lock"))
+        else {
+            return false;
+        };
+        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).is_err()
+    }
+}
+
+impl Drop for StateLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(self.dir.join("node.pid"));
+    }
+}
+
+/// A running node: its agent, its worker processes, its state directory.
+#[derive(Debug)]
+pub struct NodeHandle {
+    agent: AgentHandle,
+    node_id: NodeId,
+    slots: usize,
+    _lock: StateLock,
+}
+
+impl NodeHandle {
+    /// This node's id.
+    pub fn node_id(&self) -> &str {
+        &self.node_id.0
+    }
+
+    /// How many worker slots it runs.
+    pub fn slots(&self) -> usize {
+        self.slots
+    }
+
+    /// Pids of its worker processes alive now.
+    pub fn worker_pids(&self) -> Vec<u32> {
+        self.agent.worker_pids()
+    }
+
+    /// Stop the node: workers are shut down, held jobs go back to the queue at once.
+    ///
+    /// # Errors
+    /// None today; kept fallible for backends whose goodbye can fail.
+    pub async fn terminate(&mut self) -> Result<(), NodeError> {
+        self.agent.request_stop();
+        self.agent.wait().await;
+        Ok(())
+    }
+
+    /// Wait until the node stops (after `terminate`, or forever while it serves).
+    ///
+    /// # Errors
+    /// None today; kept fallible like `terminate`.
+    pub async fn wait(&mut self) -> Result<(), NodeError> {
+        self.agent.wait().await;
+        Ok(())
+    }
+}
+
+/// Start a worker node in this process: one worker process per GPU (or `cpu_workers` CPU
+/// workers), serving whatever pool is active on the server.
+///
+/// # Errors
+/// [`NodeError::AlreadyRunning`] when a node holds the state directory; [`NodeError::Pool`]
+/// when the server is unreachable or refuses the password; [`NodeError::Config`] when this
+/// executable registered no worker kinds and none were given.
+pub async fn start_node(options: NodeOptions) -> Result<NodeHandle, NodeError> {
+    let dir = options.state_dir.clone().unwrap_or_else(default_state_dir);
+    let lock = StateLock::acquire(&dir)?;
+    let url = options.broker_url();
+    let broker: Arc<dyn Broker> =
+        crate::backends::broker_from_url(&url, options.connect_timeout).await?;
+    let command = match &options.worker_program {
+        Some(path) => WorkerCommand::program(path),
+        None => WorkerCommand::current_exe().map_err(|e| {
+            NodeError::Config(format!("cannot find this executable to spawn workers: {e}"))
+        })?,
+    };
+    let kinds = options
+        .kinds
+        .clone()
+        .or_else(Registry::served_kinds)
+        .unwrap_or_default();
+    if kinds.is_empty() && options.external.is_empty() {
+        return Err(NodeError::Config(
+            "this node has no worker kinds: build the node binary with main_with(Registry::new().register::<YourWorker>()), or configure external workers".into(),
+        ));
+    }
+    let slots = node_slots(&options);
+    let node_id = NodeId(format!("{}-{}", host_name(), std::process::id()));
+    let mut config = AgentConfig::new(node_id.clone(), command, kinds, slots);
+    config.external = options.external.clone();
+    config.heartbeat = options.heartbeat;
+    let slots = config.slots.len();
+    tracing::info!(node = %node_id, server = %dc_core::redact_url(&url), slots, state_dir = %dir.display(), "node starting");
+    let agent = spawn_agent(broker, config);
+    Ok(NodeHandle {
+        agent,
+        node_id,
+        slots,
+        _lock: lock,
+    })
+}
+
+fn node_slots(options: &NodeOptions) -> Vec<SlotSpec> {
+    let inventory = dc_gpu::discover(&options.gpus);
+    if !inventory.gpus.is_empty() {
+        return inventory
+            .gpus
+            .iter()
+            .flat_map(|gpu| {
+                std::iter::repeat_n(SlotSpec::for_device(Some(gpu)), options.workers_per_gpu)
+            })
+            .collect();
+    }
+    if options.cpu_workers == 0 {
+        tracing::warn!(
+            "no GPU here and no CPU workers asked for: this node runs no workers (pass --cpu-workers N, or NodeOptions::cpu_workers, to run jobs on the CPU)"
+        );
+    }
+    vec![SlotSpec::for_device(None); options.cpu_workers]
+}
+
+/// How to start a pool server (a dedicated redis-server).
+#[derive(Clone)]
+pub struct ServerOptions {
+    pub(crate) password: String,
+    pub(crate) port: u16,
+    pub(crate) bind: Vec<String>,
+    pub(crate) state_dir: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for ServerOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerOptions")
+            .field("port", &self.port)
+            .field("bind", &self.bind)
+            .field("state_dir", &self.state_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerOptions {
+    /// A server on port 8899, on every interface, with this password.
+    pub fn new(password: impl Into<String>) -> Self {
+        ServerOptions {
+            password: password.into(),
+            port: DEFAULT_PORT,
+            bind: vec!["*".into(), "-::*".into()],
+            state_dir: None,
+        }
+    }
+
+    /// The pool port (default 8899).
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = port;
+        self
+    }
+
+    /// Addresses to listen on (default: every interface).
+    pub fn bind(mut self, addresses: Vec<String>) -> Self {
+        self.bind = addresses;
+        self
+    }
+
+    /// The state directory (the server's files go in `redis-<port>/` below it).
+    pub fn state_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.state_dir = Some(dir.into());
+        self
+    }
+
+    fn redis_options(&self) -> Result<RedisServerOptions, NodeError> {
+        check_password(&self.password)?;
+        let dir = self
+            .state_dir
+            .clone()
+            .unwrap_or_else(default_state_dir)
+            .join(format!("redis-{}", self.port));
+        let mut options = RedisServerOptions::new(self.password.clone(), self.port, dir);
+        options.bind = self.bind.clone();
+        Ok(options)
+    }
+}
+
+fn check_password(password: &str) -> Result<(), NodeError> {
+    if password.is_empty() {
+        return Err(NodeError::Config(
+            "a pool needs a password: pass --password (-r), --password-file or DC_PASSWORD".into(),
+        ));
+    }
+    if password.chars().any(|c| c.is_control()) {
+        return Err(NodeError::Config(
+            "the password must not contain control characters (newlines…)".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// A running pool server.
+#[derive(Debug)]
+pub struct ServerHandle {
+    redis: Option<RedisProcess>,
+    port: u16,
+}
+
+impl ServerHandle {
+    /// The pool port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Whether this handle started the server (false: one was already running).
+    pub fn started_here(&self) -> bool {
+        self.redis.is_some()
+    }
+
+    /// Stop the server if this handle started it.
+    ///
+    /// # Errors
+    /// When stopping the process fails at the OS level.
+    pub async fn terminate(&mut self) -> Result<(), NodeError> {
+        if let Some(redis) = self.redis.as_mut() {
+            redis
+                .terminate()
+                .await
+                .map_err(|source| NodeError::StateDir {
+                    dir: redis.dir().to_path_buf(),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Wait until the server exits (forever while it serves; at once if it was not started
+    /// here).
+    ///
+    /// # Errors
+    /// When waiting fails at the OS level.
+    pub async fn wait(&mut self) -> Result<(), NodeError> {
+        if let Some(redis) = self.redis.as_mut() {
+            redis.wait().await.map_err(|source| NodeError::StateDir {
+                dir: redis.dir().to_path_buf(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// Start a dedicated redis-server for the pool on this machine; `Ok(None)` when one already
+/// serves this port with this password. Its files go in the default state directory.
+///
+/// # Errors
+/// [`NodeError::Server`] naming the fix (redis-server missing, port taken).
+pub async fn start_redis(password: &str, port: u16) -> Result<Option<RedisProcess>, NodeError> {
+    let options = ServerOptions::new(password).port(port).redis_options()?;
+    Ok(start_redis_server(&options).await?)
+}
+
+/// Start a pool server (no local workers): a dedicated redis-server on the pool port.
+///
+/// # Errors
+/// As [`start_redis`].
+pub async fn start_server(options: ServerOptions) -> Result<ServerHandle, NodeError> {
+    let redis = start_redis_server(&options.redis_options()?).await?;
+    Ok(ServerHandle {
+        redis,
+        port: options.port,
+    })
+}
+
+/// How to start a head node: a pool server plus a worker node on this machine.
+#[derive(Debug, Clone)]
+pub struct HeadOptions {
+    pub(crate) server: ServerOptions,
+    pub(crate) node: NodeOptions,
+}
+
+impl HeadOptions {
+    /// A head on port 8899 with this password.
+    pub fn new(password: impl Into<String>) -> Self {
+        let password = password.into();
+        HeadOptions {
+            server: ServerOptions::new(password.clone()),
+            node: NodeOptions::new(password).address("127.0.0.1"),
+        }
+    }
+
+    /// The pool port (default 8899).
+    pub fn port(mut self, port: u16) -> Self {
+        self.server = self.server.port(port);
+        self.node = self.node.port(port);
+        self
+    }
+
+    /// Addresses the server listens on (default: every interface).
+    pub fn bind(mut self, addresses: Vec<String>) -> Self {
+        self.server = self.server.bind(addresses);
+        self
+    }
+
+    /// The state directory of both the server and the local node.
+    pub fn state_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        let dir = dir.into();
+        self.server = self.server.state_dir(dir.clone());
+        self.node = self.node.state_dir(dir);
+        self
+    }
+
+    /// Change the local node's options (GPUs, CPU workers, worker program…).
+    pub fn node(mut self, f: impl FnOnce(NodeOptions) -> NodeOptions) -> Self {
+        self.node = f(self.node);
+        self
+    }
+}
+
+/// A running head node: the pool server and the local node.
+#[derive(Debug)]
+pub struct HeadHandle {
+    server: ServerHandle,
+    node: NodeHandle,
+}
+
+impl HeadHandle {
+    /// The local node.
+    pub fn node(&self) -> &NodeHandle {
+        &self.node
+    }
+
+    /// The pool server.
+    pub fn server(&self) -> &ServerHandle {
+        &self.server
+    }
+
+    /// Stop the local node, then the server.
+    ///
+    /// # Errors
+    /// As [`NodeHandle::terminate`] and [`ServerHandle::terminate`].
+    pub async fn terminate(&mut self) -> Result<(), NodeError> {
+        self.node.terminate().await?;
+        self.server.terminate().await
+    }
+
+    /// Wait until the node stops.
+    ///
+    /// # Errors
+    /// As [`NodeHandle::wait`].
+    pub async fn wait(&mut self) -> Result<(), NodeError> {
+        self.node.wait().await
+    }
+}
+
+/// Start a head node: the pool server, then a worker node on this machine.
+///
+/// # Errors
+/// As [`start_server`] and [`start_node`]; a node already running in the state directory is
+/// [`NodeError::AlreadyRunning`] (checked before the server starts).
+pub async fn start_head_node(options: HeadOptions) -> Result<HeadHandle, NodeError> {
+    let dir = options
+        .node
+        .state_dir
+        .clone()
+        .unwrap_or_else(default_state_dir);
+    if StateLock::is_held(&dir) {
+        let pid = std::fs::read_to_string(dir.join("node.pid"))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "unknown".into());
+        return Err(NodeError::AlreadyRunning { pid, dir });
+    }
+    let mut server = start_server(options.server.clone()).await?;
+    match start_node(options.node.clone()).await {
+        Ok(node) => Ok(HeadHandle { server, node }),
+        Err(e) => {
+            let _ = server.terminate().await;
+            Err(e)
+        }
+    }
+}
+
+/// Whether a pool server (a Redis with a password) answers on this machine's `port`.
+pub async fn is_server_running(port: u16) -> bool {
+    matches!(
+        probe("127.0.0.1", port, "", Duration::from_secs(1)).await,
+        Probe::Ours | Probe::WrongPassword
+    )
+}
+
+/// Whether a node runs with the default state directory on this machine.
+pub fn is_node_running() -> bool {
+    is_node_running_in(&default_state_dir())
+}
+
+/// Whether a node runs with state directory `dir`.
+pub fn is_node_running_in(dir: &Path) -> bool {
+    StateLock::is_held(dir)
+}
+
+/// The pid recorded by the node running with state directory `dir`, if one runs.
+pub fn node_pid(dir: &Path) -> Option<u32> {
+    if !StateLock::is_held(dir) {
+        return None;
+    }
+    std::fs::read_to_string(dir.join("node.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
