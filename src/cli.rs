@@ -297,6 +297,7 @@ fn init_tracing() {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .try_init();
 }
@@ -459,6 +460,8 @@ struct NodeReport {
     busy: usize,
     idle: usize,
     starting: usize,
+    /// Slots with no pool to serve (no worker process runs for them).
+    waiting: usize,
     last_heartbeat_ms: u128,
 }
 
@@ -489,7 +492,8 @@ async fn run_status(cmd: Status) -> Result<ExitCode, String> {
     let nodes = seen
         .iter()
         .map(|n| {
-            let count = |state| n.status.workers.iter().filter(|w| w.state == state).count();
+            let serving = || n.status.workers.iter().filter(|w| w.session.is_some());
+            let count = |state| serving().filter(|w| w.state == state).count();
             NodeReport {
                 node: n.status.node.to_string(),
                 host: n.status.host.clone(),
@@ -503,6 +507,7 @@ async fn run_status(cmd: Status) -> Result<ExitCode, String> {
                 busy: count(dc_core::broker::WorkerState::Busy),
                 idle: count(dc_core::broker::WorkerState::Idle),
                 starting: count(dc_core::broker::WorkerState::Starting),
+                waiting: n.status.workers.len() - serving().count(),
                 last_heartbeat_ms: n.ago.as_millis(),
             }
         })
@@ -552,18 +557,19 @@ fn print_status(report: &StatusReport) {
     println!("nodes: {}", report.nodes.len());
     if !report.nodes.is_empty() {
         println!(
-            "  {:<28} {:<20} {:>5} {:>5} {:>5} {:>8} {:>9}  devices",
-            "node", "host", "slots", "busy", "idle", "starting", "heartbeat"
+            "  {:<28} {:<20} {:>5} {:>5} {:>5} {:>8} {:>7} {:>9}  devices",
+            "node", "host", "slots", "busy", "idle", "starting", "no pool", "heartbeat"
         );
         for n in &report.nodes {
             println!(
-                "  {:<28} {:<20} {:>5} {:>5} {:>5} {:>8} {:>7}ms  {}",
+                "  {:<28} {:<20} {:>5} {:>5} {:>5} {:>8} {:>7} {:>7}ms  {}",
                 n.node,
                 n.host,
                 n.slots,
                 n.busy,
                 n.idle,
                 n.starting,
+                n.waiting,
                 n.last_heartbeat_ms,
                 if n.devices.is_empty() {
                     "cpu".to_string()
