@@ -55,7 +55,9 @@ fn parse_args() -> Result<Target, BoxError> {
             "-p" | "--port" => target.port = value.parse()?,
             "-r" | "--password" => target.password = value,
             other => {
-                return Err(format!("unknown flag {other}: use -a HOST -p PORT -r PASSWORD").into());
+                return Err(
+                    format!("unknown flag {other}: use -a HOST -p PORT -r PASSWORD").into(),
+                );
             }
         }
     }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use dc_broker_redis::server::{Probe, RedisProcess, RedisServerOptions, probe, start_redis_server};
+use dc_broker_redis::server::{RedisProcess, RedisServerOptions, start_redis_server};
 use dc_core::agent::{AgentConfig, AgentHandle, SlotSpec, WorkerCommand, host_name, spawn_agent};
 use dc_core::broker::NodeId;
 use dc_core::{Broker, DEFAULT_PORT, PoolError, Registry};
@@ -612,12 +612,26 @@ pub async fn start_head_node(options: HeadOptions) -> Result<HeadHandle, NodeErr
     }
 }
 
-/// Whether a pool server (a Redis with a password) answers on this machine's `port`.
-pub async fn is_server_running(port: u16) -> bool {
-    matches!(
-        probe("127.0.0.1", port, "", Duration::from_secs(1)).await,
-        Probe::Ours | Probe::WrongPassword
-    )
+/// Whether a pool server (a Redis asking for a password) answers on this machine's `port`.
+/// Blocks for at most about a second.
+pub fn is_server_running(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let Ok(mut stream) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500))
+    else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(500)));
+    // A server that requires a password refuses PING until AUTH: "-NOAUTH".
+    if stream.write_all(b"*1\r\n$4\r\nPING\r\n").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 64];
+    match stream.read(&mut buf) {
+        Ok(n) => buf[..n].starts_with(b"-NOAUTH"),
+        Err(_) => false,
+    }
 }
 
 /// Whether a node runs with the default state directory on this machine.

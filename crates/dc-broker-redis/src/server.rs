@@ -142,9 +142,13 @@ impl RedisProcess {
 
 /// `redis-server`, else `valkey-server`, from PATH.
 pub fn find_redis_server() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
+    find_redis_server_in(&std::env::var_os("PATH")?)
+}
+
+/// `redis-server`, else `valkey-server`, from the directories of a PATH-like value.
+pub fn find_redis_server_in(path: &std::ffi::OsStr) -> Option<PathBuf> {
     for name in ["redis-server", "valkey-server"] {
-        for dir in std::env::split_paths(&path) {
+        for dir in std::env::split_paths(path) {
             let candidate = dir.join(name);
             if candidate.is_file() {
                 return Some(candidate);
