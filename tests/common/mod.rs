@@ -2,6 +2,8 @@
 //! process saw, or misbehave on purpose (fail, abort, speak garbage), and a tiny test runner.
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
+pub mod cluster;
+
 use std::collections::HashSet;
 use std::future::Future;
 use std::path::PathBuf;
