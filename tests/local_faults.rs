@@ -27,6 +27,7 @@ fn main() -> ExitCode {
         killed_worker_process_job_runs_again_exactly_once,
         garbage_on_the_channel_fails_only_that_job,
         sigkill_of_pool_owner_leaves_no_worker_alive,
+        pool_resubmits_what_a_broker_lost_and_delivers_each_result_once,
     ];
     libtest_mimic::run(&args, tests).exit_code()
 }
@@ -319,4 +320,51 @@ fn tempdir(name: &str) -> Result<std::path::PathBuf, std::io::Error> {
     ));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
+}
+
+/// The broker forgets the session mid-stream (as a restarted, empty Redis would): the pool
+/// reopens it, replays its updates, resubmits what it has not received, and every job's
+/// result arrives exactly once.
+async fn pool_resubmits_what_a_broker_lost_and_delivers_each_result_once() -> TestResult {
+    use distributed_computing::Broker;
+    use distributed_computing::agent::{AgentConfig, SlotSpec, WorkerCommand, spawn_agent};
+    use distributed_computing::broker::{NodeId, SessionId};
+    let broker = std::sync::Arc::new(distributed_computing::LocalBroker::new());
+    let mut config = AgentConfig::new(
+        NodeId("lossy-node".into()),
+        WorkerCommand::current_exe()?,
+        vec!["probe".into()],
+        vec![SlotSpec::for_device(None); 2],
+    );
+    config.heartbeat = Duration::from_millis(200);
+    config.poll = Duration::from_millis(200);
+    let agent = spawn_agent(broker.clone(), config);
+    let pool = Pool::<Probe>::builder(ProbeInit::tagged("lossy"))
+        .broker_instance(broker.clone())
+        .connect()
+        .await?;
+    pool.update_workers(7).await?;
+    let first = pool.session_id();
+    let mut stream = pool.imap_unordered((0..40).map(|i| ProbeJob::SleepEcho(50, i)));
+    let mut seen = HashSet::new();
+    let mut lost = false;
+    while let Some(item) = stream.next().await {
+        let (i, out) = item?;
+        check!(out.value == i as i64, "job {i} returned {}", out.value);
+        check!(seen.insert(i), "job {i} delivered twice");
+        check!(out.updates == vec![7], "job {i} ran without the replayed update: {:?}", out.updates);
+        if !lost && seen.len() == 10 {
+            // Everything the broker held for this session is gone.
+            broker.close_session(&SessionId(first.clone())).await?;
+            lost = true;
+        }
+    }
+    check!(seen.len() == 40, "{} of 40 delivered after the loss", seen.len());
+    check!(pool.session_id() != first, "the pool did not reopen its session");
+    pool.update_workers(8).await?;
+    let after = pool.map((0..4).map(ProbeJob::Echo)).await?;
+    check!(after.iter().all(|o| o.updates == vec![7, 8]), "updates after recovery: {after:?}");
+    pool.close().await?;
+    agent.shutdown().await;
+    Ok(())
 }

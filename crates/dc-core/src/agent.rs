@@ -582,6 +582,7 @@ async fn serve_jobs(
             tracing::warn!(worker = %worker_id, "worker died while applying updates: {end}");
             return SlotExit::Restart;
         }
+        report_update_errors(shared, &info.id, worker_id, proc).await;
         let taken = tokio::select! {
             biased;
             _ = cancel.changed() => return SlotExit::Done,
@@ -724,6 +725,26 @@ async fn apply_updates(
     Ok(())
 }
 
+/// Tell the pool about updates a worker refused (once each), attributed to the worker.
+async fn report_update_errors(
+    shared: &NodeShared,
+    session: &SessionId,
+    worker: &WorkerId,
+    proc: &mut WorkerProc,
+) {
+    for (seq, message) in std::mem::take(&mut proc.update_errors) {
+        let problem = NodeProblem::UpdateFailed {
+            node: shared.config.node_id.clone(),
+            worker: worker.clone(),
+            seq,
+            message,
+        };
+        if let Err(e) = shared.broker.report_problem(session, problem).await {
+            tracing::warn!(%worker, seq, error = %e, "cannot report the refused update");
+        }
+    }
+}
+
 enum StartError {
     UnknownKind(Vec<String>),
     Init(String),
@@ -742,6 +763,8 @@ struct WorkerProc {
     writer: OwnedWriteHalf,
     frames: mpsc::Receiver<Result<FromWorker, FrameError>>,
     tail: Arc<Mutex<VecDeque<String>>>,
+    /// Updates this worker refused, not yet reported to the pool.
+    update_errors: Vec<(UpdateSeq, String)>,
 }
 
 impl WorkerProc {
@@ -805,6 +828,7 @@ impl WorkerProc {
                     writer,
                     frames,
                     tail,
+                    update_errors: Vec::new(),
                 }
             }
             Err(e) => {
@@ -968,6 +992,7 @@ impl WorkerProc {
             FromWorker::UpdateApplied { seq: s } if s == seq => Ok(()),
             FromWorker::UpdateError { seq: s, message } if s == seq => {
                 tracing::error!(worker = %self.label, seq, %message, "worker could not apply update");
+                self.update_errors.push((seq, message));
                 Ok(())
             }
             other => {

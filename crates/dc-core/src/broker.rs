@@ -162,6 +162,8 @@ pub enum AttemptEnd {
     Protocol(String),
     /// The node stopped renewing the lease (dead, cut off, or stalled).
     LeaseExpired,
+    /// The node's broker connections closed: its process died (seen before the lease ran out).
+    NodeGone,
     /// The node left on purpose while holding the job (not counted as a failure).
     NodeLeft,
 }
@@ -188,6 +190,9 @@ impl fmt::Display for AttemptEnd {
             }
             AttemptEnd::Protocol(m) => write!(f, "protocol error: {m}"),
             AttemptEnd::LeaseExpired => f.write_str("lease expired (node silent)"),
+            AttemptEnd::NodeGone => {
+                f.write_str("node process gone (its broker connections closed)")
+            }
             AttemptEnd::NodeLeft => f.write_str("node left"),
         }
     }
@@ -204,6 +209,25 @@ pub struct AttemptRecord {
     pub worker: WorkerId,
     /// How it ended.
     pub end: AttemptEnd,
+}
+
+impl fmt::Display for NodeProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NodeProblem::UnknownKind { node, known } => {
+                write!(f, "node {node} has no such worker kind (it has {known:?})")
+            }
+            NodeProblem::UpdateFailed {
+                worker,
+                seq,
+                message,
+                ..
+            } => write!(f, "worker {worker} could not apply update {seq}: {message}"),
+            NodeProblem::InitFailed {
+                worker, message, ..
+            } => write!(f, "worker {worker} could not start: {message}"),
+        }
+    }
 }
 
 impl fmt::Display for AttemptRecord {
@@ -312,6 +336,17 @@ pub enum NodeProblem {
         node: NodeId,
         /// Kinds it has.
         known: Vec<String>,
+    },
+    /// A worker could not apply an update (wrong type, or `handle_update` failed).
+    UpdateFailed {
+        /// The node.
+        node: NodeId,
+        /// The worker slot.
+        worker: WorkerId,
+        /// The update's sequence number.
+        seq: UpdateSeq,
+        /// Why.
+        message: String,
     },
     /// `Worker::new` kept failing on the node.
     InitFailed {

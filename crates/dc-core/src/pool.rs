@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use crate::agent::{AgentConfig, AgentHandle, SlotSpec, WorkerCommand, host_name, spawn_agent};
 use crate::broker::{
     Broker, JobId, JobOutcome, JobResult, NewJob, NodeId, NodeProblem, SessionId, SessionInfo,
-    SessionSpec, SessionState,
+    SessionSpec, SessionState, UpdateSeq,
 };
 use crate::error::{BrokerError, PoolError};
 use crate::local::LocalBroker;
@@ -410,20 +410,28 @@ enum Delivery {
     Abort(PoolError),
 }
 
+/// A job waiting for its result: who wants it, and what to resubmit if the broker loses it.
 #[derive(Debug)]
 struct Route {
     index: usize,
     tx: mpsc::UnboundedSender<Delivery>,
+    payload: Bytes,
+    update_seq: UpdateSeq,
 }
 
 /// State shared by the pool handle, its streams and its background tasks.
 #[derive(Debug)]
 struct Shared {
     broker: Arc<dyn Broker>,
-    session: SessionInfo,
+    spec: SessionSpec,
+    /// The current session; replaced when the broker lost the old one.
+    session: Mutex<SessionId>,
     next_job: AtomicU64,
     update_seq: AtomicU64,
     routes: Mutex<HashMap<JobId, Route>>,
+    /// Every update published, in order: replayed into a new session after a broker loss.
+    /// Held across a publish so updates and recovery never interleave.
+    updates: tokio::sync::Mutex<Vec<Bytes>>,
     closed: AtomicBool,
 }
 
@@ -432,8 +440,71 @@ impl Shared {
         self.routes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn id(&self) -> &SessionId {
-        &self.session.id
+    fn id(&self) -> SessionId {
+        self.session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The broker lost session `lost` (restarted empty, or the session expired while this
+    /// process stalled): open a new one, replay the update log, and resubmit every job still
+    /// waiting for its result, under the same job ids. Results already delivered are not
+    /// redone; a result that arrives twice is dropped. Retries until it works or the pool
+    /// closes.
+    async fn recover(&self, lost: &SessionId) {
+        let updates = self.updates.lock().await;
+        if self.id() != *lost || self.closed.load(Ordering::Acquire) {
+            return; // Another task recovered already, or the pool closed.
+        }
+        tracing::warn!(session = %lost, "pool session lost by the broker; reopening it and resubmitting outstanding jobs");
+        let mut failures = 0u32;
+        loop {
+            if self.closed.load(Ordering::Acquire) {
+                return;
+            }
+            match self.reopen(&updates).await {
+                Ok(id) => {
+                    tracing::info!(session = %id, "pool session recovered");
+                    return;
+                }
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!(error = %e, "recovering the pool session failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(
+                        (100u64 << failures.min(5)).min(3_000),
+                    ))
+                    .await;
+                }
+            }
+        }
+    }
+
+    async fn reopen(&self, updates: &[Bytes]) -> Result<SessionId, PoolError> {
+        let info = open_session(self.broker.as_ref(), &self.spec).await?;
+        for update in updates {
+            self.broker.publish_update(&info.id, update.clone()).await?;
+        }
+        let jobs: Vec<NewJob> = {
+            let routes = self.routes();
+            let mut jobs: Vec<NewJob> = routes
+                .iter()
+                .map(|(id, r)| NewJob {
+                    id: *id,
+                    payload: r.payload.clone(),
+                    update_seq: r.update_seq,
+                })
+                .collect();
+            jobs.sort_by_key(|j| j.id);
+            jobs
+        };
+        let resubmitted = jobs.len();
+        for batch in jobs.chunks(SUBMIT_BATCH) {
+            self.broker.submit(&info.id, batch.to_vec()).await?;
+        }
+        *self.session.lock().unwrap_or_else(|p| p.into_inner()) = info.id.clone();
+        tracing::info!(session = %info.id, resubmitted, updates = updates.len(), "outstanding jobs resubmitted");
+        Ok(info.id)
     }
 
     /// Hand a result to its caller; a second result for the same job finds no route.
@@ -478,7 +549,7 @@ impl<W: Worker, C: Connector> std::fmt::Debug for Pool<W, C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pool")
             .field("kind", &W::KIND)
-            .field("session", &self.shared.session.id)
+            .field("session", &self.shared.id())
             .field("closed", &self.shared.closed.load(Ordering::Relaxed))
             .finish_non_exhaustive()
     }
@@ -494,7 +565,9 @@ impl<W: Worker, C: Connector> Pool<W, C> {
         tracing::info!(session = %session.id, kind = %session.spec.kind, "pool session open");
         let shared = Arc::new(Shared {
             broker,
-            session,
+            spec: session.spec,
+            session: Mutex::new(session.id),
+            updates: tokio::sync::Mutex::new(Vec::new()),
             next_job: AtomicU64::new(1),
             update_seq: AtomicU64::new(0),
             routes: Mutex::new(HashMap::new()),
@@ -512,9 +585,10 @@ impl<W: Worker, C: Connector> Pool<W, C> {
         }
     }
 
-    /// The session id of this pool (for logs and `dc-cli status`).
-    pub fn session_id(&self) -> &str {
-        &self.shared.id().0
+    /// The session id of this pool now (for logs and `dc-cli status`; it changes if the
+    /// broker lost the session and the pool reopened it).
+    pub fn session_id(&self) -> String {
+        self.shared.id().0
     }
 
     fn check_open(&self) -> Result<(), PoolError> {
@@ -625,11 +699,26 @@ impl<W: Worker, C: Connector> Pool<W, C> {
                 limit,
             });
         }
-        let seq = self
-            .shared
-            .broker
-            .publish_update(self.shared.id(), payload)
-            .await?;
+        let mut log = self.shared.updates.lock().await;
+        let seq = loop {
+            let session = self.shared.id();
+            match self
+                .shared
+                .broker
+                .publish_update(&session, payload.clone())
+                .await
+            {
+                Ok(seq) => break seq,
+                Err(BrokerError::SessionGone(_)) if !self.shared.closed.load(Ordering::Acquire) => {
+                    // Recover here (the log lock is ours), then publish into the new session.
+                    drop(log);
+                    self.shared.recover(&session).await;
+                    log = self.shared.updates.lock().await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        log.push(payload);
         self.shared.update_seq.fetch_max(seq, Ordering::AcqRel);
         Ok(())
     }
@@ -643,7 +732,7 @@ impl<W: Worker, C: Connector> Pool<W, C> {
         Ok(self
             .shared
             .broker
-            .session_stats(self.shared.id())
+            .session_stats(&self.shared.id())
             .await?
             .workers)
     }
@@ -657,7 +746,7 @@ impl<W: Worker, C: Connector> Pool<W, C> {
         Ok(self
             .shared
             .broker
-            .session_stats(self.shared.id())
+            .session_stats(&self.shared.id())
             .await?
             .nodes)
     }
@@ -675,7 +764,7 @@ impl<W: Worker, C: Connector> Pool<W, C> {
             task.abort();
         }
         self.shared.abort_all(&PoolError::Closed);
-        let closed = self.shared.broker.close_session(self.shared.id()).await;
+        let closed = self.shared.broker.close_session(&self.shared.id()).await;
         if let Some(agent) = self.agent.lock().await.take() {
             agent.shutdown().await;
         }
@@ -708,7 +797,7 @@ impl<W: Worker, C: Connector> Drop for Pool<W, C> {
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             let shared = self.shared.clone();
             rt.spawn(async move {
-                let _ = shared.broker.close_session(shared.id()).await;
+                let _ = shared.broker.close_session(&shared.id()).await;
             });
         }
     }
@@ -780,6 +869,8 @@ impl<W: Worker> Imap<W> {
                 Route {
                     index,
                     tx: tx.clone(),
+                    payload: payload.clone(),
+                    update_seq,
                 },
             );
             self.ids.push(id);
@@ -790,15 +881,22 @@ impl<W: Worker> Imap<W> {
             });
         }
         let total = batch.len();
+        self.remaining = total;
         while !batch.is_empty() {
             let rest = batch.split_off(batch.len().min(SUBMIT_BATCH));
-            if let Err(e) = self.shared.broker.submit(self.shared.id(), batch).await {
-                self.ready.push_back(Err(e.into()));
-                return;
+            let session = self.shared.id();
+            match self.shared.broker.submit(&session, batch).await {
+                Ok(()) => {}
+                // The jobs are routed: recovery resubmits every routed job, these included.
+                Err(BrokerError::SessionGone(_)) => self.shared.recover(&session).await,
+                Err(e) => {
+                    self.ready.push_back(Err(e.into()));
+                    self.remaining = 0;
+                    return;
+                }
             }
             batch = rest;
         }
-        self.remaining = total;
     }
 }
 
@@ -818,9 +916,10 @@ impl<W: Worker> Drop for Imap<W> {
 async fn dispatch_results(shared: Arc<Shared>) {
     let mut failures = 0u32;
     loop {
+        let session = shared.id();
         match shared
             .broker
-            .take_results(shared.id(), 4096, Duration::from_millis(500))
+            .take_results(&session, 4096, Duration::from_millis(500))
             .await
         {
             Ok(results) => {
@@ -829,10 +928,8 @@ async fn dispatch_results(shared: Arc<Shared>) {
                     shared.deliver(result);
                 }
             }
-            Err(BrokerError::SessionGone(s)) => {
-                tracing::error!(session = %s, "pool session lost");
-                shared.abort_all(&PoolError::Broker(BrokerError::SessionGone(s)));
-                return;
+            Err(BrokerError::SessionGone(_)) => {
+                shared.recover(&session).await;
             }
             Err(e) => {
                 failures += 1;
@@ -846,19 +943,21 @@ async fn dispatch_results(shared: Arc<Shared>) {
     }
 }
 
-/// Keep the session alive, reap expired leases, and notice when no node can run this pool.
+/// Keep the session alive, reap expired leases (often: a dead node's jobs restart within a
+/// tick of being noticed), recover a session the broker lost, and notice when no node can run
+/// this pool.
 async fn keep_alive(shared: Arc<Shared>) {
-    let period = shared.session.spec.lease / 4;
+    let period = (shared.spec.lease / 4).min(Duration::from_millis(250));
+    let mut problems_seen = 0;
     loop {
         tokio::time::sleep(period).await;
-        match shared.broker.keep_session_alive(shared.id()).await {
+        let session = shared.id();
+        match shared.broker.keep_session_alive(&session).await {
             Ok(SessionState::Active) => {}
             Ok(SessionState::Gone) => {
-                tracing::error!(session = %shared.id(), "pool session is gone from the broker");
-                shared.abort_all(&PoolError::Broker(BrokerError::SessionGone(
-                    shared.id().to_string(),
-                )));
-                return;
+                shared.recover(&session).await;
+                problems_seen = 0;
+                continue;
             }
             Err(e) => {
                 tracing::warn!(error = %e, "session keep-alive failed");
@@ -868,17 +967,21 @@ async fn keep_alive(shared: Arc<Shared>) {
         if let Err(e) = shared.broker.reap_expired().await {
             tracing::debug!(error = %e, "reaping expired leases failed");
         }
+        let Ok(stats) = shared.broker.session_stats(&session).await else {
+            continue;
+        };
+        for problem in stats.problems.iter().skip(problems_seen) {
+            tracing::error!("{problem}");
+        }
+        problems_seen = stats.problems.len();
         if shared.routes().is_empty() {
             continue;
         }
-        let Ok(stats) = shared.broker.session_stats(shared.id()).await else {
-            continue;
-        };
         if stats.workers > 0 || stats.starting > 0 || stats.problems.is_empty() {
             continue;
         }
         // Jobs wait, no worker serves or starts, and nodes said why: tell the callers.
-        let kind = shared.session.spec.kind.clone();
+        let kind = shared.spec.kind.clone();
         let err = stats
             .problems
             .iter()
