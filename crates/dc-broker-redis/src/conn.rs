@@ -157,6 +157,28 @@ impl Conns {
         })
     }
 
+    /// A new connection of its own, named with `CLIENT SETNAME` so that the server (and
+    /// `CLIENT LIST`) can tell whose it is; it closes when its holder's process dies.
+    pub(crate) async fn named(&self, name: &str) -> Result<MultiplexedConnection, BrokerError> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.connect_timeout))
+            .set_response_timeout(Some(CONTROL_TIMEOUT));
+        let made = tokio::time::timeout(
+            self.connect_timeout + Duration::from_millis(100),
+            self.client.get_multiplexed_async_connection_with_config(&config),
+        )
+        .await
+        .map_err(|_| self.timed_out())?;
+        let mut conn = made.map_err(|e| self.error(e))?;
+        redis::cmd("CLIENT")
+            .arg("SETNAME")
+            .arg(name)
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(conn)
+    }
+
     /// Set a blocking connection's response timeout for a read that blocks up to `wait`.
     pub(crate) fn arm(conn: &mut Dedicated<'_>, wait: Duration) {
         conn.conn().set_response_timeout(wait + BLOCK_SLACK);
