@@ -1,12 +1,15 @@
 //! Nodes, servers and heads, from code: `start_node`, `start_head_node`, `start_server`,
 //! `start_redis`, `is_server_running`, `is_node_running`. The CLI maps onto these 1:1.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use dc_broker_redis::server::{RedisProcess, RedisServerOptions, start_redis_server};
 use dc_core::agent::{AgentConfig, AgentHandle, SlotSpec, WorkerCommand, host_name, spawn_agent};
@@ -431,11 +434,14 @@ fn check_password(password: &str) -> Result<(), NodeError> {
     Ok(())
 }
 
-/// A running pool server.
+/// A running pool server. A server this handle started is supervised: if the redis-server
+/// dies (killed, OOM), it is restarted at once on the same port with the same password (empty:
+/// persistence is off), and nodes and pools reconnect to it.
 #[derive(Debug)]
 pub struct ServerHandle {
-    redis: Option<RedisProcess>,
     port: u16,
+    stop: Option<watch::Sender<bool>>,
+    task: Option<JoinHandle<Result<(), NodeError>>>,
 }
 
 impl ServerHandle {
@@ -446,39 +452,97 @@ impl ServerHandle {
 
     /// Whether this handle started the server (false: one was already running).
     pub fn started_here(&self) -> bool {
-        self.redis.is_some()
+        self.task.is_some()
     }
 
     /// Stop the server if this handle started it.
     ///
     /// # Errors
-    /// When stopping the process fails at the OS level.
+    /// When the supervisor had given up restarting the server.
     pub async fn terminate(&mut self) -> Result<(), NodeError> {
-        if let Some(redis) = self.redis.as_mut() {
-            redis
-                .terminate()
-                .await
-                .map_err(|source| NodeError::StateDir {
-                    dir: redis.dir().to_path_buf(),
-                    source,
-                })?;
+        if let Some(stop) = &self.stop {
+            let _ = stop.send(true);
         }
-        Ok(())
+        self.wait().await
     }
 
-    /// Wait until the server exits (forever while it serves; at once if it was not started
-    /// here).
+    /// Wait until the server stops for good (forever while it serves; at once if it was not
+    /// started here).
     ///
     /// # Errors
-    /// When waiting fails at the OS level.
+    /// When the supervisor gave up restarting a server that kept dying.
     pub async fn wait(&mut self) -> Result<(), NodeError> {
-        if let Some(redis) = self.redis.as_mut() {
-            redis.wait().await.map_err(|source| NodeError::StateDir {
-                dir: redis.dir().to_path_buf(),
-                source,
-            })?;
+        match self.task.as_mut() {
+            Some(task) => {
+                let result = task.await.unwrap_or(Ok(()));
+                self.task = None;
+                result
+            }
+            None => Ok(()),
         }
-        Ok(())
+    }
+}
+
+/// Watch the head's redis-server and restart it when it dies, until told to stop.
+async fn supervise(
+    mut redis: RedisProcess,
+    options: RedisServerOptions,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), NodeError> {
+    let port = options.port;
+    let mut restarts: VecDeque<Instant> = VecDeque::new();
+    loop {
+        tokio::select! {
+            status = redis.wait() => {
+                if *stop.borrow() {
+                    return Ok(());
+                }
+                let how = status
+                    .map(|s| dc_gpu::proc::describe_exit(&s))
+                    .unwrap_or_else(|e| e.to_string());
+                tracing::error!(port, "pool server (redis-server) {how}; restarting it on the same port");
+            }
+            _ = stop.changed() => {
+                let _ = redis.terminate().await;
+                return Ok(());
+            }
+        }
+        let now = Instant::now();
+        restarts.retain(|t| now.duration_since(*t) < Duration::from_secs(60));
+        if restarts.len() >= 10 {
+            return Err(NodeError::Config(format!(
+                "the pool server on port {port} died 10 times within a minute; giving up (see its log in {})",
+                options.dir.display()
+            )));
+        }
+        restarts.push_back(now);
+        let mut failures = 0u32;
+        redis = loop {
+            match start_redis_server(&options).await {
+                Ok(Some(redis)) => {
+                    tracing::info!(
+                        port,
+                        "pool server restarted (empty: nodes and pools reconnect and resubmit)"
+                    );
+                    break redis;
+                }
+                Ok(None) => {
+                    tracing::warn!(
+                        port,
+                        "another pool server took the port; no longer supervising"
+                    );
+                    return Ok(());
+                }
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!(port, error = %e, "restarting the pool server failed; retrying");
+                    if failures >= 20 {
+                        return Err(e.into());
+                    }
+                    tokio::time::sleep(Duration::from_millis(100 * u64::from(failures))).await;
+                }
+            }
+        };
     }
 }
 
@@ -497,10 +561,19 @@ pub async fn start_redis(password: &str, port: u16) -> Result<Option<RedisProces
 /// # Errors
 /// As [`start_redis`].
 pub async fn start_server(options: ServerOptions) -> Result<ServerHandle, NodeError> {
-    let redis = start_redis_server(&options.redis_options()?).await?;
+    let redis_options = options.redis_options()?;
+    let (stop, task) = match start_redis_server(&redis_options).await? {
+        Some(redis) => {
+            let (stop, stop_rx) = watch::channel(false);
+            let task = tokio::spawn(supervise(redis, redis_options, stop_rx));
+            (Some(stop), Some(task))
+        }
+        None => (None, None),
+    };
     Ok(ServerHandle {
-        redis,
         port: options.port,
+        stop,
+        task,
     })
 }
 
@@ -576,12 +649,18 @@ impl HeadHandle {
         self.server.terminate().await
     }
 
-    /// Wait until the node stops.
+    /// Wait until the node stops, or the server stops for good (its supervisor gave up).
     ///
     /// # Errors
-    /// As [`NodeHandle::wait`].
+    /// As [`NodeHandle::wait`] and [`ServerHandle::wait`].
     pub async fn wait(&mut self) -> Result<(), NodeError> {
-        self.node.wait().await
+        if !self.server.started_here() {
+            return self.node.wait().await;
+        }
+        tokio::select! {
+            r = self.node.wait() => r,
+            r = self.server.wait() => r,
+        }
     }
 }
 

@@ -352,18 +352,32 @@ async fn pool_resubmits_what_a_broker_lost_and_delivers_each_result_once() -> Te
         let (i, out) = item?;
         check!(out.value == i as i64, "job {i} returned {}", out.value);
         check!(seen.insert(i), "job {i} delivered twice");
-        check!(out.updates == vec![7], "job {i} ran without the replayed update: {:?}", out.updates);
+        check!(
+            out.updates == vec![7],
+            "job {i} ran without the replayed update: {:?}",
+            out.updates
+        );
         if !lost && seen.len() == 10 {
             // Everything the broker held for this session is gone.
             broker.close_session(&SessionId(first.clone())).await?;
             lost = true;
         }
     }
-    check!(seen.len() == 40, "{} of 40 delivered after the loss", seen.len());
-    check!(pool.session_id() != first, "the pool did not reopen its session");
+    check!(
+        seen.len() == 40,
+        "{} of 40 delivered after the loss",
+        seen.len()
+    );
+    check!(
+        pool.session_id() != first,
+        "the pool did not reopen its session"
+    );
     pool.update_workers(8).await?;
     let after = pool.map((0..4).map(ProbeJob::Echo)).await?;
-    check!(after.iter().all(|o| o.updates == vec![7, 8]), "updates after recovery: {after:?}");
+    check!(
+        after.iter().all(|o| o.updates == vec![7, 8]),
+        "updates after recovery: {after:?}"
+    );
     pool.close().await?;
     agent.shutdown().await;
     Ok(())

@@ -165,7 +165,8 @@ impl Conns {
             .set_response_timeout(Some(CONTROL_TIMEOUT));
         let made = tokio::time::timeout(
             self.connect_timeout + Duration::from_millis(100),
-            self.client.get_multiplexed_async_connection_with_config(&config),
+            self.client
+                .get_multiplexed_async_connection_with_config(&config),
         )
         .await
         .map_err(|_| self.timed_out())?;
