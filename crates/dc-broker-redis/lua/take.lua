@@ -41,6 +41,10 @@ for _ = 1, 100 do
     return { 1, jid, att, id, s[3], loglen, s[4], s[5], data }
   end
   -- Stale (the job finished or was re-queued as another entry) or malformed: drop it.
+  if not (s and s[1]) then
+    redis.log(redis.LOG_WARNING, 'distributed-computing: dropped job stream entry ' .. id ..
+      ' of ' .. jobs .. ': it names no job of this session (malformed or foreign)')
+  end
   redis.call('XACK', jobs, 'w', id)
   redis.call('XDEL', jobs, id)
 end
