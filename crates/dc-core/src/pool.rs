@@ -181,7 +181,7 @@ impl<W: Worker, C: Connector> PoolBuilder<W, C> {
             address: "localhost".into(),
             port: DEFAULT_PORT,
             max_attempts: 3,
-            lease: Duration::from_secs(5),
+            lease: default_lease(),
             cpu_workers: None,
             gpus: dc_gpu::GpuSelection::Auto,
             workers_per_gpu: 1,
@@ -243,8 +243,9 @@ impl<W: Worker, C: Connector> PoolBuilder<W, C> {
         self
     }
 
-    /// How long a job's lease (and this pool's session) lives without renewal (default 5 s):
-    /// a node silent this long loses its jobs to other nodes.
+    /// How long a job's lease (and this pool's session) lives without renewal (default 5 s, or
+    /// `DC_LEASE_MS`): a node silent this long loses its jobs to other nodes. Keep it several
+    /// node heartbeats long (nodes beat every second by default, `--heartbeat-ms`).
     pub fn lease(mut self, lease: Duration) -> Self {
         self.lease = lease.max(Duration::from_millis(300));
         self
@@ -352,6 +353,15 @@ impl<W: Worker, C: Connector> PoolBuilder<W, C> {
         let agent = spawn_agent(broker.clone(), config);
         Ok(Pool::start(broker, info, Some(agent)))
     }
+}
+
+/// The lease of a pool that does not set one: `DC_LEASE_MS` when set, else 5 s.
+fn default_lease() -> Duration {
+    std::env::var("DC_LEASE_MS")
+        .ok()
+        .and_then(|ms| ms.trim().parse::<u64>().ok())
+        .map(|ms| Duration::from_millis(ms.max(300)))
+        .unwrap_or(Duration::from_secs(5))
 }
 
 /// Worker slots of a local pool: one per GPU (times `per_gpu`), else CPU workers.
