@@ -363,7 +363,7 @@ async fn run_start_node(cmd: StartNode, program: &str) -> Result<ExitCode, Strin
             .port(config.port)
             .bind(bind)
             .state_dir(state_dir);
-        options = options.node(|_| node.address("127.0.0.1"));
+        options = options.node(|_| node);
         let mut head = match start_head_node(options).await {
             Ok(head) => head,
             Err(NodeError::AlreadyRunning { pid, dir }) => {

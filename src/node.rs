@@ -681,8 +681,10 @@ pub async fn start_head_node(options: HeadOptions) -> Result<HeadHandle, NodeErr
             .unwrap_or_else(|_| "unknown".into());
         return Err(NodeError::AlreadyRunning { pid, dir });
     }
+    let local = options.server.redis_options()?.local_address();
     let mut server = start_server(options.server.clone()).await?;
-    match start_node(options.node.clone()).await {
+    // The local node reaches the server where it listens (loopback unless bound elsewhere).
+    match start_node(options.node.clone().address(local)).await {
         Ok(node) => Ok(HeadHandle { server, node }),
         Err(e) => {
             let _ = server.terminate().await;

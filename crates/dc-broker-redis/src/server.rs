@@ -82,6 +82,26 @@ impl std::fmt::Debug for RedisServerOptions {
 }
 
 impl RedisServerOptions {
+    /// The address a process on this machine uses to reach the server: loopback when the
+    /// server listens there (or everywhere), else the first address it binds.
+    pub fn local_address(&self) -> String {
+        let everywhere = |b: &str| {
+            matches!(
+                b.trim_start_matches('-'),
+                "*" | "0.0.0.0" | "127.0.0.1" | "localhost"
+            )
+        };
+        if self.bind.is_empty() || self.bind.iter().any(|b| everywhere(b)) {
+            return "127.0.0.1".into();
+        }
+        self.bind
+            .iter()
+            .find(|b| !b.starts_with('-') && !b.contains(':'))
+            .or_else(|| self.bind.first())
+            .map(|b| b.trim_start_matches('-').to_string())
+            .unwrap_or_else(|| "127.0.0.1".into())
+    }
+
     /// Options with defaults: every interface, data in `dir`.
     pub fn new(password: impl Into<String>, port: u16, dir: impl Into<PathBuf>) -> Self {
         RedisServerOptions {
@@ -217,7 +237,8 @@ pub async fn start_redis_server(
     options: &RedisServerOptions,
 ) -> Result<Option<RedisProcess>, ServerError> {
     let port = options.port;
-    match probe("127.0.0.1", port, &options.password, Duration::from_secs(2)).await {
+    let host = options.local_address();
+    match probe(&host, port, &options.password, Duration::from_secs(2)).await {
         Probe::Ours => {
             tracing::info!(port, "a pool server already runs on this port");
             return Ok(None);
@@ -271,8 +292,7 @@ pub async fn start_redis_server(
                 log_tail: log_tail(&log_path),
             });
         }
-        if probe("127.0.0.1", port, &options.password, Duration::from_secs(1)).await == Probe::Ours
-        {
+        if probe(&host, port, &options.password, Duration::from_secs(1)).await == Probe::Ours {
             tracing::info!(port, pid = ?child.id(), dir = %dir.display(), "redis-server started");
             return Ok(Some(RedisProcess { child, port, dir }));
         }
@@ -317,4 +337,21 @@ fn log_tail(path: &Path) -> String {
     let lines: Vec<&str> = text.lines().collect();
     let start = lines.len().saturating_sub(10);
     lines[start..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RedisServerOptions;
+
+    #[test]
+    fn the_local_address_is_one_the_server_listens_on() {
+        let mut o = RedisServerOptions::new("pw", 8899, "/tmp/x");
+        assert_eq!(o.local_address(), "127.0.0.1");
+        o.bind = vec!["10.213.7.1".into()];
+        assert_eq!(o.local_address(), "10.213.7.1");
+        o.bind = vec!["10.213.7.1".into(), "127.0.0.1".into()];
+        assert_eq!(o.local_address(), "127.0.0.1");
+        o.bind = vec!["0.0.0.0".into()];
+        assert_eq!(o.local_address(), "127.0.0.1");
+    }
 }
