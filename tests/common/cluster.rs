@@ -224,3 +224,224 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+// ---- Additions for the fault tests (tests/faults.rs) ----
+
+/// Node flags for `start-node`: the connection, CPU workers, and a heartbeat when given (none:
+/// the node's default, 1 s).
+fn node_args(head: bool, port: u16, cpu_workers: usize, heartbeat_ms: Option<u64>) -> Vec<String> {
+    let mut args: Vec<String> = vec!["start-node".into()];
+    if head {
+        args.extend(["--head".into(), "--bind".into(), "127.0.0.1".into()]);
+    } else {
+        args.extend(["-a".into(), "127.0.0.1".into()]);
+    }
+    args.extend([
+        "-p".into(),
+        port.to_string(),
+        "-r".into(),
+        PASSWORD.into(),
+        "--cpu-workers".into(),
+        cpu_workers.to_string(),
+    ]);
+    if let Some(ms) = heartbeat_ms {
+        args.extend(["--heartbeat-ms".into(), ms.to_string()]);
+    }
+    args
+}
+
+/// [`start_head`] with a chosen heartbeat (`None`: the node's default).
+pub async fn start_head_with(
+    cpu_workers: usize,
+    heartbeat_ms: Option<u64>,
+) -> Result<(NodeProc, u16), Box<dyn std::error::Error>> {
+    let port = free_port()?;
+    let args = node_args(true, port, cpu_workers, heartbeat_ms);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let head = NodeProc::start(&args, &[]).await?;
+    if !head
+        .wait_for_output(
+            &format!("start-node -p {port} -a "),
+            Duration::from_secs(30),
+        )
+        .await
+    {
+        return Err(format!(
+            "the head never printed the worker command:\n{}",
+            head.output()
+        )
+        .into());
+    }
+    Ok((head, port))
+}
+
+/// [`start_worker_node`] with a chosen heartbeat (`None`: the node's default).
+pub async fn start_worker_node_with(
+    port: u16,
+    cpu_workers: usize,
+    heartbeat_ms: Option<u64>,
+    env: &[(&str, &str)],
+) -> Result<NodeProc, Box<dyn std::error::Error>> {
+    let args = node_args(false, port, cpu_workers, heartbeat_ms);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    NodeProc::start(&args, env).await
+}
+
+/// A probe pool on the head at `port`; `lease: None` keeps the pool's default lease (5 s).
+pub async fn pool_with_lease(
+    port: u16,
+    tag: &str,
+    lease: Option<Duration>,
+) -> Result<Pool<Probe>, PoolError> {
+    let mut builder = Pool::<Probe>::builder(ProbeInit::tagged(tag))
+        .address("127.0.0.1")
+        .port(port)
+        .password(PASSWORD);
+    if let Some(lease) = lease {
+        builder = builder.lease(lease);
+    }
+    builder.connect().await
+}
+
+/// This machine's host name, as nodes use it in their ids.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+impl NodeProc {
+    /// The node process's pid (while it has not been reaped).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// The node id its agent registers: `<host>-<pid>`; its workers are `<node id>/<slot>`.
+    pub fn node_id(&self) -> Option<String> {
+        self.pid().map(|pid| format!("{}-{pid}", host_name()))
+    }
+
+    /// Send a signal to the node process alone (not its group).
+    pub fn signal(
+        &self,
+        signal: nix::sys::signal::Signal,
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let pid = self.pid().ok_or("the node process is already gone")?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal)?;
+        Ok(())
+    }
+
+    /// Whether the node process has exited (reaping it if so).
+    pub fn has_exited(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Pid of the head's redis-server: a child of this node process named `redis-server` (or
+    /// `valkey-server`) whose command line (which the server rewrites to its title,
+    /// `redis-server 127.0.0.1:<port>`) ends with the port.
+    pub fn redis_server_pid(&self, port: u16) -> Option<u32> {
+        let me = self.pid()?;
+        let title = format!(":{port}");
+        children_of(me).into_iter().find(|pid| {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|raw| String::from_utf8_lossy(&raw).replace('\0', " "))
+                .unwrap_or_default();
+            matches!(comm.trim(), "redis-server" | "valkey-server")
+                && cmdline.trim_end().ends_with(&title)
+                && !super::process_is_gone(*pid)
+        })
+    }
+}
+
+/// Pids of the live children of `parent` (from `/proc/<pid>/stat`).
+pub fn children_of(parent: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    let (_, rest) = stat.rsplit_once(')')?;
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(parent)
+        })
+        .collect()
+}
+
+/// Resident memory of a process in KiB (`VmRSS` of `/proc/<pid>/status`).
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Run `redis-cli` against the head's server on `port` (with the pool password); its stdout.
+pub async fn redis_cli<S: AsRef<std::ffi::OsStr>>(
+    port: u16,
+    args: &[S],
+) -> Result<String, Box<dyn std::error::Error>> {
+    let out = tokio::process::Command::new("redis-cli")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "--no-auth-warning",
+        ])
+        .env("REDISCLI_AUTH", PASSWORD)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await?;
+    if !out.status.success() {
+        let shown: Vec<_> = args.iter().map(|a| a.as_ref().to_string_lossy()).collect();
+        return Err(format!(
+            "redis-cli {shown:?} exited {:?}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `dc-cli status --json` on the head at `port` (this executable in role `cli`).
+pub async fn status_json(port: u16) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+    let out = tokio::process::Command::new(std::env::current_exe()?)
+        .env(ROLE, "cli")
+        .env("DC_PASSWORD", PASSWORD)
+        .env("DC_LOG", "error")
+        .args([
+            "status",
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "--json",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .await?;
+    if !out.status.success() {
+        return Err(format!(
+            "status exited {:?}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into());
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}

@@ -47,6 +47,13 @@ pub enum ProbeJob {
     GarbageFrame,
     /// The worker writes a well-framed but undecodable message, then waits.
     BadCbor,
+    /// Append a line `value pid worker_id unix_ms` to the file (one per run, written when the
+    /// run starts), sleep this many milliseconds, then echo: counts how often a job ran, where
+    /// and when.
+    CountRuns(PathBuf, u64, i64),
+    /// Record a run in the first file (as `CountRuns`), then wait until the second path exists
+    /// (at most 120 s), then echo: holds a worker busy until the test releases it.
+    Gate(PathBuf, PathBuf, i64),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -123,6 +130,19 @@ impl Worker for Probe {
                 std::thread::sleep(Duration::from_secs(30));
                 -1
             }
+            ProbeJob::CountRuns(file, ms, v) => {
+                record_run(&file, v, self.ctx.worker_id())?;
+                std::thread::sleep(Duration::from_millis(ms));
+                v
+            }
+            ProbeJob::Gate(file, path, v) => {
+                record_run(&file, v, self.ctx.worker_id())?;
+                let deadline = std::time::Instant::now() + Duration::from_secs(120);
+                while !path.exists() && std::time::Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                v
+            }
         };
         Ok(ProbeOut {
             value,
@@ -141,6 +161,22 @@ impl Worker for Probe {
         self.updates.push(update);
         Ok(())
     }
+}
+
+/// Append one run record (`value pid worker_id unix_ms`) in a single write, so records of
+/// concurrent workers never interleave.
+fn record_run(file: &std::path::Path, value: i64, worker_id: &str) -> Result<(), BoxError> {
+    use std::io::Write;
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis();
+    let line = format!("{value} {} {worker_id} {ms}\n", std::process::id());
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(file)?
+        .write_all(line.as_bytes())?;
+    Ok(())
 }
 
 /// Write raw bytes (printf escapes) on this worker's protocol channel, through a shell that
