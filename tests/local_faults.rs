@@ -33,19 +33,12 @@ fn main() -> ExitCode {
 }
 
 fn run_role(role: &str) -> ExitCode {
-    let result = common::run_async(Duration::from_secs(300), || async move {
+    common::run_role(role, Duration::from_secs(300), || async move {
         match role {
             "owner" => owner().await,
             other => Err(format!("unknown role {other}").into()),
         }
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("role {role} failed: {e:?}");
-            ExitCode::FAILURE
-        }
-    }
+    })
 }
 
 /// A pool owner: opens a local pool with 2 workers, prints their pids, and keeps them busy

@@ -43,19 +43,12 @@ fn main() -> ExitCode {
 
 /// Roles this executable plays when a test spawns it as a separate pool owner.
 fn run_role(role: &str) -> ExitCode {
-    let result = common::run_async(Duration::from_secs(120), || async move {
+    common::run_role(role, Duration::from_secs(120), || async move {
         match role {
             "report-devices" => report_devices().await,
             other => Err(format!("unknown role {other}").into()),
         }
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("role {role} failed: {e:?}");
-            ExitCode::FAILURE
-        }
-    }
+    })
 }
 
 /// Open a local pool (with whatever DC_FAKE_GPUS the parent gave) and print, per worker,

@@ -233,6 +233,22 @@ where
     })
 }
 
+/// Run a role of a test executable (a pool owner, a reporter…) and turn its result into the
+/// process's exit code.
+pub fn run_role<F, Fut>(role: &str, limit: Duration, body: F) -> std::process::ExitCode
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = TestResult>,
+{
+    match run_async(limit, body) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("role {role} failed: {e:?}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Poll `f` until it returns true or `limit` passes.
 pub async fn eventually<F, Fut>(limit: Duration, mut f: F) -> bool
 where

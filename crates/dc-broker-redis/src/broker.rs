@@ -10,7 +10,7 @@ use bytes::{Bytes, BytesMut};
 use dc_core::broker::{
     Abandoned, AttemptEnd, AttemptRecord, Completion, JobId, JobOutcome, JobResult, Lease,
     LeasedJob, NewJob, NodeId, NodeProblem, NodeSeen, NodeStatus, SessionId, SessionInfo,
-    SessionSpec, SessionState, SessionStats, UpdateSeq, WorkerId, WorkerState,
+    SessionSpec, SessionState, SessionStats, UpdateSeq, WorkerId,
 };
 use dc_core::{Broker, BrokerError, JobFailure};
 use redis::aio::MultiplexedConnection;
@@ -909,20 +909,7 @@ impl Broker for RedisBroker {
                     continue;
                 }
             };
-            let mine = || {
-                status
-                    .workers
-                    .iter()
-                    .filter(|w| w.session.as_ref() == Some(session))
-            };
-            let serving = mine()
-                .filter(|w| matches!(w.state, WorkerState::Idle | WorkerState::Busy))
-                .count();
-            stats.starting += mine().filter(|w| w.state == WorkerState::Starting).count();
-            if serving > 0 {
-                stats.nodes += 1;
-                stats.workers += serving;
-            }
+            stats.count_node(&status, session);
         }
         Ok(stats)
     }

@@ -389,6 +389,27 @@ pub struct NodeSeen {
     pub ago: Duration,
 }
 
+impl SessionStats {
+    /// Count a live node's workers serving (or starting for) `session` into these stats: what
+    /// every backend does with each node's last heartbeat.
+    pub fn count_node(&mut self, status: &NodeStatus, session: &SessionId) {
+        let mine = || {
+            status
+                .workers
+                .iter()
+                .filter(|w| w.session.as_ref() == Some(session))
+        };
+        let serving = mine()
+            .filter(|w| matches!(w.state, WorkerState::Idle | WorkerState::Busy))
+            .count();
+        self.starting += mine().filter(|w| w.state == WorkerState::Starting).count();
+        if serving > 0 {
+            self.nodes += 1;
+            self.workers += serving;
+        }
+    }
+}
+
 /// A session's state as its keep-alive sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SessionState {

@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use crate::broker::{
     Abandoned, AttemptEnd, AttemptRecord, Broker, Completion, JobId, JobOutcome, JobResult, Lease,
     LeasedJob, NewJob, NodeId, NodeProblem, NodeSeen, NodeStatus, SessionId, SessionInfo,
-    SessionSpec, SessionState, SessionStats, UpdateSeq, WorkerId, WorkerState,
+    SessionSpec, SessionState, SessionStats, UpdateSeq, WorkerId,
 };
 use crate::error::{BrokerError, JobFailure};
 
@@ -379,20 +379,7 @@ impl Broker for LocalBroker {
             if now.duration_since(node.last_seen) > lease {
                 continue;
             }
-            let mine = || {
-                node.status
-                    .workers
-                    .iter()
-                    .filter(|w| w.session.as_ref() == Some(session))
-            };
-            let serving = mine()
-                .filter(|w| matches!(w.state, WorkerState::Idle | WorkerState::Busy))
-                .count();
-            stats.starting += mine().filter(|w| w.state == WorkerState::Starting).count();
-            if serving > 0 {
-                stats.nodes += 1;
-                stats.workers += serving;
-            }
+            stats.count_node(&node.status, session);
         }
         Ok(stats)
     }
