@@ -102,6 +102,9 @@ pub struct AgentConfig {
     pub init_attempts: u32,
     /// How long a new worker process has to send its handshake.
     pub hello_timeout: Duration,
+    /// Benchmarks only: slots run no process; each job completes at once with its payload as
+    /// its output. Measures the agent and broker alone (`dc-cli bench` W6).
+    pub simulate: bool,
 }
 
 impl AgentConfig {
@@ -124,6 +127,7 @@ impl AgentConfig {
             stop_grace: Duration::from_secs(5),
             init_attempts: 3,
             hello_timeout: Duration::from_secs(30),
+            simulate: false,
         }
     }
 
@@ -469,6 +473,10 @@ async fn run_slot(
 ) {
     let node = shared.config.node_id.clone();
     let worker_id = WorkerId(format!("{node}/{slot}"));
+    if shared.config.simulate {
+        run_simulated_slot(&shared, &info, slot, &worker_id, &mut cancel).await;
+        return;
+    }
     let mut init_failures = 0u32;
     let mut crashes = 0u32;
     loop {
@@ -556,6 +564,43 @@ async fn run_slot(
                 } else {
                     crashes + 1
                 };
+            }
+        }
+    }
+    shared.set_state(slot, None, WorkerState::Starting);
+}
+
+/// Benchmarks only: take jobs and complete each at once with its payload, no process.
+async fn run_simulated_slot(
+    shared: &NodeShared,
+    info: &SessionInfo,
+    slot: usize,
+    worker_id: &WorkerId,
+    cancel: &mut watch::Receiver<bool>,
+) {
+    let broker = shared.broker.as_ref();
+    shared.set_state(slot, Some(&info.id), WorkerState::Idle);
+    let mut failures = 0u32;
+    loop {
+        let taken = tokio::select! {
+            biased;
+            _ = cancel.changed() => break,
+            r = broker.take_job(&info.id, &shared.config.node_id, worker_id, shared.config.poll) => r,
+        };
+        match taken {
+            Ok(Some(job)) => {
+                failures = 0;
+                lock(&shared.leases).insert(slot, job.lease.clone());
+                let lease = &job.lease;
+                report(lease, || broker.complete(lease, Ok(job.payload.clone()))).await;
+                lock(&shared.leases).remove(&slot);
+            }
+            Ok(None) => {}
+            Err(BrokerError::SessionGone(_)) => break,
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(worker = %worker_id, error = %e, "cannot take a job; retrying");
+                tokio::time::sleep(backoff(failures)).await;
             }
         }
     }
