@@ -19,8 +19,8 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::broker::{
-    AttemptEnd, Broker, Lease, LeasedJob, NodeId, NodeProblem, NodeStatus, SessionId, SessionInfo,
-    UpdateSeq, WorkerId, WorkerState, WorkerStatus,
+    AttemptEnd, Broker, JobId, Lease, LeasedJob, NodeId, NodeProblem, NodeStatus, SessionId,
+    SessionInfo, UpdateSeq, WorkerId, WorkerState, WorkerStatus,
 };
 use crate::error::{BrokerError, JobFailure};
 use crate::protocol::{
@@ -226,7 +226,9 @@ struct NodeShared {
     broker: Arc<dyn Broker>,
     config: AgentConfig,
     workers: Mutex<Vec<WorkerStatus>>,
-    leases: Mutex<HashMap<usize, Lease>>,
+    /// Leases held, by slot and job (a slot holds two for a moment: the job it completes and
+    /// the next one it took at the same time).
+    leases: Mutex<HashMap<(usize, JobId), Lease>>,
     pids: Mutex<HashMap<usize, u32>>,
     beat_now: Notify,
 }
@@ -547,6 +549,7 @@ async fn run_slot(
         )
         .await;
         lock(&shared.pids).remove(&slot);
+        release_slot_leases(&shared, slot).await;
         match exit {
             SlotExit::Done => {
                 proc.stop(shared.config.stop_grace).await;
@@ -570,6 +573,23 @@ async fn run_slot(
     shared.set_state(slot, None, WorkerState::Starting);
 }
 
+/// Hand back any lease the slot still holds (a job taken ahead, when the worker broke or the
+/// session ended before running it): back to the queue now, not counted as a failure.
+async fn release_slot_leases(shared: &NodeShared, slot: usize) {
+    let held: Vec<Lease> = {
+        let mut leases = lock(&shared.leases);
+        let keys: Vec<(usize, JobId)> =
+            leases.keys().filter(|(s, _)| *s == slot).copied().collect();
+        keys.iter().filter_map(|k| leases.remove(k)).collect()
+    };
+    for lease in held {
+        report(&lease, || {
+            shared.broker.abandon(&lease, AttemptEnd::NodeLeft)
+        })
+        .await;
+    }
+}
+
 /// Benchmarks only: take jobs and complete each at once with its payload, no process.
 async fn run_simulated_slot(
     shared: &NodeShared,
@@ -590,10 +610,11 @@ async fn run_simulated_slot(
         match taken {
             Ok(Some(job)) => {
                 failures = 0;
-                lock(&shared.leases).insert(slot, job.lease.clone());
+                let key = (slot, job.lease.job);
+                lock(&shared.leases).insert(key, job.lease.clone());
                 let lease = &job.lease;
                 report(lease, || broker.complete(lease, Ok(job.payload.clone()))).await;
-                lock(&shared.leases).remove(&slot);
+                lock(&shared.leases).remove(&key);
             }
             Ok(None) => {}
             Err(BrokerError::SessionGone(_)) => break,
@@ -619,8 +640,9 @@ async fn serve_jobs(
     let broker = shared.broker.as_ref();
     let mut applied: UpdateSeq = 0;
     let mut failures = 0u32;
+    let mut next: Option<LeasedJob> = None;
     loop {
-        // Catch up with every update this node knows of before taking the next job.
+        // Catch up with every update this node knows of before the next job.
         if log.known() > applied
             && let Err(end) = apply_updates(proc, log, &mut applied).await
         {
@@ -628,21 +650,25 @@ async fn serve_jobs(
             return SlotExit::Restart;
         }
         report_update_errors(shared, &info.id, worker_id, proc).await;
-        let taken = tokio::select! {
-            biased;
-            _ = cancel.changed() => return SlotExit::Done,
-            // An idle worker says nothing; a frame or a closed channel means it broke or died.
-            frame = proc.frames.recv() => {
-                let what = match frame {
-                    Some(Ok(msg)) => format!("sent {} unprompted", describe(&msg)),
-                    Some(Err(e)) => e.to_string(),
-                    None => "closed its channel".into(),
-                };
-                let end = proc.death().await;
-                tracing::warn!(worker = %worker_id, "idle worker {what}: {end}; restarting it");
-                return SlotExit::Restart;
-            }
-            r = broker.take_job(&info.id, &shared.config.node_id, worker_id, shared.config.poll) => r,
+        // The next job: one taken while the last result was reported, else wait for one.
+        let taken = match next.take() {
+            Some(job) => Ok(Some(job)),
+            None => tokio::select! {
+                biased;
+                _ = cancel.changed() => return SlotExit::Done,
+                // An idle worker says nothing; a frame or a closed channel means it broke or died.
+                frame = proc.frames.recv() => {
+                    let what = match frame {
+                        Some(Ok(msg)) => format!("sent {} unprompted", describe(&msg)),
+                        Some(Err(e)) => e.to_string(),
+                        None => "closed its channel".into(),
+                    };
+                    let end = proc.death().await;
+                    tracing::warn!(worker = %worker_id, "idle worker {what}: {end}; restarting it");
+                    return SlotExit::Restart;
+                }
+                r = broker.take_job(&info.id, &shared.config.node_id, worker_id, shared.config.poll) => r,
+            },
         };
         let job = match taken {
             Ok(Some(job)) => job,
@@ -665,26 +691,52 @@ async fn serve_jobs(
             }
         };
         failures = 0;
-        lock(&shared.leases).insert(slot, job.lease.clone());
+        let key = (slot, job.lease.job);
+        lock(&shared.leases).insert(key, job.lease.clone());
         shared.set_state(slot, Some(&info.id), WorkerState::Busy);
         let outcome = run_one(shared, proc, log, &mut applied, &job, cancel).await;
-        lock(&shared.leases).remove(&slot);
-        shared.set_state(slot, Some(&info.id), WorkerState::Idle);
         match outcome {
-            JobStep::Finished => {}
-            JobStep::Cancelled => return SlotExit::Abort,
-            JobStep::WorkerBroken => return SlotExit::Restart,
+            JobStep::Done(result) => {
+                // Report the result and take the next job in the same round trip: the slot is
+                // free now, so this is the take it would do next anyway.
+                let lease = &job.lease;
+                let complete = report(lease, || broker.complete(lease, result.clone()));
+                let take =
+                    broker.take_job(&info.id, &shared.config.node_id, worker_id, Duration::ZERO);
+                let ((), taken) = tokio::join!(complete, take);
+                lock(&shared.leases).remove(&key);
+                match taken {
+                    Ok(Some(job)) => {
+                        lock(&shared.leases).insert((slot, job.lease.job), job.lease.clone());
+                        next = Some(job);
+                    }
+                    Ok(None) => shared.set_state(slot, Some(&info.id), WorkerState::Idle),
+                    Err(BrokerError::SessionGone(_)) => return SlotExit::Done,
+                    Err(_) => shared.set_state(slot, Some(&info.id), WorkerState::Idle),
+                }
+            }
+            JobStep::Cancelled => {
+                lock(&shared.leases).remove(&key);
+                return SlotExit::Abort;
+            }
+            JobStep::WorkerBroken => {
+                lock(&shared.leases).remove(&key);
+                shared.set_state(slot, Some(&info.id), WorkerState::Idle);
+                return SlotExit::Restart;
+            }
         }
     }
 }
 
 enum JobStep {
-    Finished,
+    /// The worker answered: the result (or its error) to report.
+    Done(Result<Bytes, (JobFailure, AttemptEnd)>),
     Cancelled,
     WorkerBroken,
 }
 
-/// Run one leased job on the worker and report its outcome to the broker.
+/// Run one leased job on the worker; a broken attempt is handed back to the broker here, a
+/// finished one is returned for the caller to report.
 async fn run_one(
     shared: &NodeShared,
     proc: &mut WorkerProc,
@@ -711,10 +763,7 @@ async fn run_one(
         r = run => r,
     };
     match reply {
-        Ok(JobReply::Output(bytes)) => {
-            report(lease, || broker.complete(lease, Ok(bytes.clone()))).await;
-            JobStep::Finished
-        }
+        Ok(JobReply::Output(bytes)) => JobStep::Done(Ok(bytes)),
         Ok(JobReply::Failed {
             message,
             undecodable,
@@ -724,8 +773,7 @@ async fn run_one(
             } else {
                 (JobFailure::Worker, AttemptEnd::WorkerError(message))
             };
-            report(lease, || broker.complete(lease, Err((kind, end.clone())))).await;
-            JobStep::Finished
+            JobStep::Done(Err((kind, end)))
         }
         Err(end) => {
             tracing::warn!(job = %lease.job, attempt = lease.attempt, worker = %lease.worker, "attempt failed: {end}");
