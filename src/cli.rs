@@ -43,6 +43,22 @@ enum Command {
     Stop(Stop),
     /// List the GPUs a node here would use, and the environment each worker gets.
     Devices(Devices),
+    /// Measure the pool against the broker's own limits (workloads W1–W6, with baselines).
+    Bench(Bench),
+}
+
+#[derive(Debug, Args)]
+struct Bench {
+    /// Where to run: local (no server), redis (a dedicated redis-server started for the run),
+    /// or a redis:// URL of an existing Redis (keys under a unique prefix, removed after).
+    #[arg(long, default_value = "redis")]
+    broker: String,
+    /// Smaller workloads (under a minute on a 2-core machine).
+    #[arg(long)]
+    quick: bool,
+    /// One JSON object per line instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 /// Flags shared by commands that reach a pool server.
@@ -229,8 +245,9 @@ impl Config {
 }
 
 /// Run the whole CLI for a node binary whose workers are in `registry`: `start-node`,
-/// `status`, `stop`, `devices`, plus the hidden worker-process mode nodes spawn. Same flags as
-/// `dc-cli`.
+/// `status`, `stop`, `devices`, `bench`, plus the hidden worker-process mode nodes spawn. Same
+/// flags as `dc-cli`. It also registers the benchmark's no-op worker kind, `"__dc-bench"`
+/// (a reserved name: registering another kind under it panics).
 ///
 /// # Examples
 /// ```no_run
@@ -240,6 +257,8 @@ impl Config {
 /// }
 /// ```
 pub fn main_with(registry: Registry) -> ExitCode {
+    // Every node binary serves the benchmark's no-op kind, so `dc-cli bench` can use it.
+    let registry = registry.register::<crate::bench::BenchWorker>();
     registry.serve_if_worker();
     main_with_args(std::env::args_os().collect())
 }
@@ -258,7 +277,12 @@ pub fn main_with_args(args: Vec<std::ffi::OsString>) -> ExitCode {
             };
         }
     };
-    init_tracing();
+    // The benchmark's own table is the output: its nodes and pools log warnings only.
+    init_tracing(if matches!(cli.command, Command::Bench(_)) {
+        "warn"
+    } else {
+        "info"
+    });
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -281,6 +305,7 @@ pub fn main_with_args(args: Vec<std::ffi::OsString>) -> ExitCode {
             Command::Status(cmd) => run_status(cmd).await,
             Command::Stop(cmd) => run_stop(cmd).await,
             Command::Devices(cmd) => run_devices(cmd),
+            Command::Bench(cmd) => crate::bench::run(&cmd.broker, cmd.quick, cmd.json).await,
         }
     });
     match result {
@@ -292,9 +317,9 @@ pub fn main_with_args(args: Vec<std::ffi::OsString>) -> ExitCode {
     }
 }
 
-fn init_tracing() {
+fn init_tracing(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("DC_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

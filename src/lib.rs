@@ -10,6 +10,7 @@
 #![doc = include_str!("../README.md")]
 
 mod backends;
+mod bench;
 mod cli;
 mod node;
 
