@@ -111,39 +111,7 @@ impl NodeProc {
 
 /// A head node (`start-node --head`) on a free loopback port, with `cpu_workers` workers.
 pub async fn start_head(cpu_workers: usize) -> Result<(NodeProc, u16), Box<dyn std::error::Error>> {
-    let port = free_port()?;
-    let head = NodeProc::start(
-        &[
-            "start-node",
-            "--head",
-            "--bind",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-r",
-            PASSWORD,
-            "--cpu-workers",
-            &cpu_workers.to_string(),
-            "--heartbeat-ms",
-            "300",
-        ],
-        &[],
-    )
-    .await?;
-    if !head
-        .wait_for_output(
-            &format!("start-node -p {port} -a "),
-            Duration::from_secs(30),
-        )
-        .await
-    {
-        return Err(format!(
-            "the head never printed the worker command:\n{}",
-            head.output()
-        )
-        .into());
-    }
-    Ok((head, port))
+    start_head_with(cpu_workers, Some(300)).await
 }
 
 pub async fn start_worker_node(
@@ -151,33 +119,11 @@ pub async fn start_worker_node(
     cpu_workers: usize,
     env: &[(&str, &str)],
 ) -> Result<NodeProc, Box<dyn std::error::Error>> {
-    NodeProc::start(
-        &[
-            "start-node",
-            "-a",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-r",
-            PASSWORD,
-            "--cpu-workers",
-            &cpu_workers.to_string(),
-            "--heartbeat-ms",
-            "300",
-        ],
-        env,
-    )
-    .await
+    start_worker_node_with(port, cpu_workers, Some(300), env).await
 }
 
 pub async fn pool(port: u16, tag: &str) -> Result<Pool<Probe>, PoolError> {
-    Pool::<Probe>::builder(ProbeInit::tagged(tag))
-        .address("127.0.0.1")
-        .port(port)
-        .password(PASSWORD)
-        .lease(Duration::from_secs(3))
-        .connect()
-        .await
+    pool_with_lease(port, tag, Some(Duration::from_secs(3))).await
 }
 
 pub async fn wait_workers(pool: &Pool<Probe>, workers: usize, nodes: usize) -> bool {
