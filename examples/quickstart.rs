@@ -34,20 +34,7 @@ fn main() -> ExitCode {
     // First thing: a local pool spawns this same executable as its worker processes.
     Registry::new().register::<MlpSweep>().serve_if_worker();
 
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("cannot start the tokio runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(client()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("quickstart failed: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    mlp::run_client("quickstart", client())
 }
 
 async fn client() -> Result<(), BoxError> {

@@ -16,20 +16,7 @@ use distributed_computing::{BoxError, DEFAULT_PORT, Pool};
 use mlp::{DatasetSpec, MlpSweep, sweep};
 
 fn main() -> ExitCode {
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("cannot start the tokio runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(client()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("sweep_client failed: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    mlp::run_client("sweep_client", client())
 }
 
 struct Target {

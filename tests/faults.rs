@@ -13,7 +13,7 @@ mod common;
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -23,7 +23,7 @@ use common::cluster::{
     NodeProc, ROLE, TempDir, pool, pool_with_lease, redis_cli, rss_kib, start_head,
     start_head_with, start_worker_node, start_worker_node_with, status_json, wait_workers,
 };
-use common::{ProbeInit, ProbeJob, ProbeOut, eventually, process_is_gone};
+use common::{Probe, ProbeInit, ProbeJob, ProbeOut, eventually, process_is_gone};
 use distributed_computing::{BoxError, JobFailure, Pool, PoolError, Worker, WorkerContext};
 use futures::StreamExt;
 use futures::stream::BoxStream;
@@ -305,23 +305,35 @@ static DEFAULT_KILL: OnceLock<KillMeasure> = OnceLock::new();
 
 const LONG_JOB_MS: u64 = 3000;
 
-/// Head (1 CPU worker) + worker node (1 CPU worker). The head's worker is held by a gate job
-/// while the node's worker takes a 3 s job; the gate opens, short jobs flow, and 1 s into the
-/// long job the worker node is SIGKILLed. Every result must arrive once; the killed job must
-/// be re-run by the head's worker.
-async fn kill_node_mid_job(
-    settings: &str,
+/// A head whose only worker is held by a gate job, then a worker node: the next job submitted
+/// lands on the worker node, and the head's worker is free once the gate opens.
+struct GatedPair {
+    head: NodeProc,
+    head_workers: String,
+    pool: Pool<Probe>,
+    node: NodeProc,
+    node_workers: String,
+    /// Where `CountRuns` and `Gate` jobs record their runs.
+    runs: PathBuf,
+    /// Written to release the gate job.
+    gate: PathBuf,
+    gated: Collector,
+    _dir: TempDir,
+}
+
+async fn gated_pair(
+    tag: &str,
     heartbeat_ms: Option<u64>,
     lease: Option<Duration>,
-) -> Result<KillMeasure, Failed> {
+) -> Result<GatedPair, Failed> {
     let (head, port) = start_head_with(1, heartbeat_ms).await?;
     let head_workers = worker_prefix(&head)?;
-    let pool = pool_with_lease(port, "kill", lease).await?;
+    let pool = pool_with_lease(port, tag, lease).await?;
     check!(
         wait_workers(&pool, 1, 1).await,
         "the head's worker never came up"
     );
-    let dir = TempDir::new("faults-kill")?;
+    let dir = TempDir::new(&format!("faults-{tag}"))?;
     let runs = dir.path().join("runs");
     let gate = dir.path().join("gate");
     let gated =
@@ -333,30 +345,68 @@ async fn kill_node_mid_job(
         .await,
         "the gate job never started on the head"
     );
-
-    let mut node = start_worker_node_with(port, 1, heartbeat_ms, &[]).await?;
+    let node = start_worker_node_with(port, 1, heartbeat_ms, &[]).await?;
     let node_workers = worker_prefix(&node)?;
     check!(
         wait_workers(&pool, 2, 2).await,
         "the worker node's worker never came up"
     );
-    let mut jobs = vec![ProbeJob::CountRuns(runs.clone(), LONG_JOB_MS, 0)];
-    jobs.extend((1..=4).map(|i| ProbeJob::CountRuns(runs.clone(), 50, i)));
-    let n = jobs.len();
-    let main = Collector::new(pool.imap_unordered(jobs));
+    Ok(GatedPair {
+        head,
+        head_workers,
+        pool,
+        node,
+        node_workers,
+        runs,
+        gate,
+        gated,
+        _dir: dir,
+    })
+}
+
+/// Wait until job `value` started, and check it started on the worker node; its first run.
+async fn started_on_node(runs: &Path, node_workers: &str, value: i64) -> Result<Run, Failed> {
     check!(
         eventually(Duration::from_secs(30), || async {
-            !runs_of(&runs, 0).is_empty()
+            !runs_of(runs, value).is_empty()
         })
         .await,
         "the long job never started"
     );
-    let first = runs_of(&runs, 0)[0].clone();
+    let first = runs_of(runs, value)[0].clone();
     check!(
-        first.worker.starts_with(&node_workers),
+        first.worker.starts_with(node_workers),
         "the long job started on {}, not on the worker node {node_workers}",
         first.worker
     );
+    Ok(first)
+}
+
+/// Head (1 CPU worker) + worker node (1 CPU worker). The head's worker is held by a gate job
+/// while the node's worker takes a 3 s job; the gate opens, short jobs flow, and 1 s into the
+/// long job the worker node is SIGKILLed. Every result must arrive once; the killed job must
+/// be re-run by the head's worker.
+async fn kill_node_mid_job(
+    settings: &str,
+    heartbeat_ms: Option<u64>,
+    lease: Option<Duration>,
+) -> Result<KillMeasure, Failed> {
+    let GatedPair {
+        head,
+        head_workers,
+        pool,
+        mut node,
+        node_workers,
+        runs,
+        gate,
+        gated,
+        _dir,
+    } = gated_pair("kill", heartbeat_ms, lease).await?;
+    let mut jobs = vec![ProbeJob::CountRuns(runs.clone(), LONG_JOB_MS, 0)];
+    jobs.extend((1..=4).map(|i| ProbeJob::CountRuns(runs.clone(), 50, i)));
+    let n = jobs.len();
+    let main = Collector::new(pool.imap_unordered(jobs));
+    let first = started_on_node(&runs, &node_workers, 0).await?;
     std::fs::write(&gate, b"open")?;
     tokio::time::sleep(Duration::from_millis(1000)).await;
     node.signal(Signal::SIGKILL)?;
@@ -475,48 +525,22 @@ async fn node_killed_on_the_same_host_restarts_its_job_within_3s() -> Result<(),
 async fn long_job_on_a_live_node_is_never_taken_away() -> Result<(), Failed> {
     let lease = Duration::from_secs(1);
     let job_ms = 3500;
-    let (head, port) = start_head_with(1, Some(200)).await?;
-    let head_workers = worker_prefix(&head)?;
-    let pool = pool_with_lease(port, "long", Some(lease)).await?;
-    check!(
-        wait_workers(&pool, 1, 1).await,
-        "the head's worker never came up"
-    );
-    let dir = TempDir::new("faults-long")?;
-    let runs = dir.path().join("runs");
-    let gate = dir.path().join("gate");
-    let gated =
-        Collector::new(pool.imap_unordered(vec![ProbeJob::Gate(runs.clone(), gate.clone(), -1)]));
-    check!(
-        eventually(Duration::from_secs(30), || async {
-            !runs_of(&runs, -1).is_empty()
-        })
-        .await,
-        "the gate job never started on the head"
-    );
-    let node = start_worker_node_with(port, 1, Some(200), &[]).await?;
-    let node_workers = worker_prefix(&node)?;
-    check!(
-        wait_workers(&pool, 2, 2).await,
-        "the worker node's worker never came up"
-    );
+    let GatedPair {
+        head: _head,
+        head_workers,
+        pool,
+        node: _node,
+        node_workers,
+        runs,
+        gate,
+        gated,
+        _dir,
+    } = gated_pair("long", Some(200), Some(lease)).await?;
 
     let submitted = Instant::now();
     let long =
         Collector::new(pool.imap_unordered(vec![ProbeJob::CountRuns(runs.clone(), job_ms, 7)]));
-    check!(
-        eventually(Duration::from_secs(30), || async {
-            !runs_of(&runs, 7).is_empty()
-        })
-        .await,
-        "the long job never started"
-    );
-    let first = runs_of(&runs, 7)[0].clone();
-    check!(
-        first.worker.starts_with(&node_workers),
-        "the long job started on {}, not on the worker node",
-        first.worker
-    );
+    let first = started_on_node(&runs, &node_workers, 7).await?;
     // The head's worker is free from now on: a job taken away would go to it.
     std::fs::write(&gate, b"open")?;
     exactly_once(&gated.finish(Duration::from_secs(10)).await?, 1, |_| -1)?;

@@ -6,7 +6,9 @@
 //! by the pool owner (`handle_update`) to prune hopeless trials early.
 #![allow(dead_code)]
 
+use std::future::Future;
 use std::pin::pin;
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use distributed_computing::{BoxError, Pool, Worker, WorkerContext};
@@ -487,6 +489,27 @@ impl Mlp {
 
     fn is_finite(&self) -> bool {
         self.b2.is_finite() && self.w2.iter().chain(&self.w1).all(|w| w.is_finite())
+    }
+}
+
+/// Run an example's async client on a fresh tokio runtime; its error becomes the exit code.
+pub(crate) fn run_client<F>(name: &str, client: F) -> ExitCode
+where
+    F: Future<Output = Result<(), BoxError>>,
+{
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(client) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name} failed: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
