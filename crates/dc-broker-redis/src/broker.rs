@@ -218,7 +218,7 @@ impl RedisBroker {
         let check = async {
             let mut conn = conns.control().await?;
             redis::cmd("PING")
-                .query_async::<Value>(&mut *conn)
+                .query_async::<Value>(&mut conn)
                 .await
                 .map_err(|e| conns.error(e))
         };
@@ -437,7 +437,7 @@ impl RedisBroker {
             .arg("LIST")
             .arg("TYPE")
             .arg("normal")
-            .query_async(&mut *conn)
+            .query_async(&mut conn)
             .await
             .map_err(|e| self.conns().error(e))?;
         Ok(list
@@ -591,13 +591,13 @@ impl RedisBroker {
                 .arg(&pattern)
                 .arg("COUNT")
                 .arg(1000)
-                .query_async(&mut *conn)
+                .query_async(&mut conn)
                 .await
                 .map_err(|e| self.conns().error(e))?;
             if !found.is_empty() {
                 redis::cmd("UNLINK")
                     .arg(&found)
-                    .query_async::<Value>(&mut *conn)
+                    .query_async::<Value>(&mut conn)
                     .await
                     .map_err(|e| self.conns().error(e))?;
             }
@@ -666,7 +666,7 @@ impl RedisBroker {
                         cmd.arg(format!("{base}results")).arg("*").arg("j").arg(job);
                     }
                     if let Ok(mut conn) = self.conns().control().await {
-                        let _ = cmd.query_async::<Value>(&mut *conn).await;
+                        let _ = cmd.query_async::<Value>(&mut conn).await;
                     }
                     JobOutcome::Done(fetched?)
                 }
@@ -713,7 +713,7 @@ impl Broker for RedisBroker {
         let mut conn = self.conns().control().await?;
         let n: u64 = redis::cmd("INCR")
             .arg(self.keys().session_seq())
-            .query_async(&mut *conn)
+            .query_async(&mut conn)
             .await
             .map_err(|e| self.conns().error(e))?;
         drop(conn);
@@ -758,7 +758,7 @@ impl Broker for RedisBroker {
             let mut conn = self.conns().control().await?;
             let _ = redis::cmd("UNLINK")
                 .arg(format!("{base}spec"))
-                .query_async::<Value>(&mut *conn)
+                .query_async::<Value>(&mut conn)
                 .await;
         }
         Ok(None)
@@ -994,7 +994,7 @@ impl Broker for RedisBroker {
             .arg(&node.0)
             .cmd("DEL")
             .arg(self.keys().node(node))
-            .query_async::<Value>(&mut *conn)
+            .query_async::<Value>(&mut conn)
             .await
             .map_err(|e| self.conns().error(e))?;
         drop(conn);

@@ -1,5 +1,6 @@
-//! Connections to Redis: a deadpool of multiplexed connections for ordinary commands, and
-//! free-lists of dedicated connections for blocking reads and bulk chunk transfers.
+//! Connections to Redis: one shared multiplexed connection for scripts and small commands
+//! (made by a deadpool and kept), and free-lists of dedicated connections for blocking reads
+//! and bulk chunk transfers.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -21,6 +22,11 @@ const FREE_LIST_MAX: usize = 16;
 pub(crate) struct Conns {
     client: Client,
     pool: deadpool_redis::Pool,
+    /// The connection every script and small command goes through, shared by clones: a
+    /// multiplexed connection pipelines concurrent commands itself. Taken out of the pool once,
+    /// so no command pays the pool's recycle check (`UNWATCH` + `PING`, a whole round trip);
+    /// dropped on a connection error, and the next command makes a new one.
+    shared: Mutex<Option<MultiplexedConnection>>,
     blocking: Mutex<Vec<MultiplexedConnection>>,
     bulk: Mutex<Vec<MultiplexedConnection>>,
     connect_timeout: Duration,
@@ -107,6 +113,7 @@ impl Conns {
         Ok(Conns {
             client,
             pool,
+            shared: Mutex::new(None),
             blocking: Mutex::new(Vec::new()),
             bulk: Mutex::new(Vec::new()),
             connect_timeout,
@@ -121,11 +128,17 @@ impl Conns {
         }
     }
 
-    /// A pooled connection for scripts and small commands.
-    pub(crate) async fn control(&self) -> Result<deadpool_redis::Connection, BrokerError> {
-        let mut conn = self.pool.get().await.map_err(|e| self.pool_error(e))?;
+    /// The shared connection for scripts and small commands (a clone: commands from many
+    /// tasks are pipelined on it).
+    pub(crate) async fn control(&self) -> Result<MultiplexedConnection, BrokerError> {
+        if let Some(conn) = lock(&self.shared).as_ref() {
+            return Ok(conn.clone());
+        }
+        let pooled = self.pool.get().await.map_err(|e| self.pool_error(e))?;
+        let mut conn = deadpool_redis::Connection::take(pooled);
         conn.set_response_timeout(CONTROL_TIMEOUT);
-        Ok(conn)
+        // Two tasks may have connected at once: keep the first, drop the other.
+        Ok(lock(&self.shared).get_or_insert(conn).clone())
     }
 
     /// A dedicated connection from the free-list of `kind`, connecting a new one if it is empty.
@@ -217,10 +230,16 @@ impl Conns {
         if code == "DCGONE" || text.contains("DCGONE") {
             return BrokerError::SessionGone(String::new());
         }
-        if e.is_io_error()
+        let broken = e.is_io_error()
             || e.is_timeout()
             || e.is_connection_dropped()
-            || e.is_connection_refusal()
+            || e.is_connection_refusal();
+        if broken {
+            // The shared connection may be the broken (or cut off) one: the next command
+            // reconnects.
+            lock(&self.shared).take();
+        }
+        if broken
             || matches!(
                 e.kind(),
                 ErrorKind::Server(
