@@ -35,6 +35,10 @@ const KEY_TTL: Duration = Duration::from_secs(24 * 3600);
 const SUBMIT_BATCH_BYTES: usize = 4 << 20;
 /// …and at most this many jobs.
 const SUBMIT_BATCH_JOBS: usize = 512;
+/// A take script call leases at most this many jobs…
+const TAKE_BATCH_JOBS: usize = 256;
+/// …and returns at most this many inline payload bytes (at least one job's).
+const TAKE_BATCH_BYTES: usize = 4 << 20;
 /// Inline update bytes one `read_updates` call returns (at least one update is returned).
 const UPDATE_READ_BYTES: usize = 8 << 20;
 /// Leases one reaper or leave pass looks at per session.
@@ -687,6 +691,126 @@ impl RedisBroker {
             outcome,
         })
     }
+
+    /// Decode the jobs a `take` script leased (fetching the chunked payloads).
+    async fn leased(
+        &self,
+        session: &SessionId,
+        node: &NodeId,
+        worker: &WorkerId,
+        items: Vec<Value>,
+    ) -> Result<Vec<LeasedJob>, BrokerError> {
+        let base = self.keys().base(session);
+        let mut items = items.into_iter().skip(1);
+        let log_len: u64 = uint(&items.next().ok_or_else(|| bad("no log length"))?)?;
+        let rest: Vec<Value> = items.collect();
+        if rest.is_empty() || rest.len() % 7 != 0 {
+            return Err(bad(format!("a take reply of {} fields", rest.len())));
+        }
+        let mut jobs = Vec::with_capacity(rest.len() / 7);
+        let mut fields = rest.into_iter();
+        while fields.len() > 0 {
+            let mut next = || fields.next().unwrap_or(Value::Nil);
+            let (job, attempt, entry, upd, n, len, data) =
+                (next(), next(), next(), next(), next(), next(), next());
+            let job = parse_job_id(job)?;
+            let payload = match opt_bytes(data)? {
+                Some(data) => Bytes::from(data),
+                None => {
+                    self.fetch(&format!("{base}in:{job}"), uint(&n)?, uint(&len)?)
+                        .await?
+                }
+            };
+            jobs.push(LeasedJob {
+                lease: Lease {
+                    session: session.clone(),
+                    job: JobId(job),
+                    attempt: uint(&attempt)?,
+                    node: node.clone(),
+                    worker: worker.clone(),
+                    token: string(entry)?,
+                },
+                payload,
+                update_seq: uint(&upd)?,
+                log_len,
+            });
+        }
+        Ok(jobs)
+    }
+
+    /// One `complete` script call for outcomes of one session (outputs over the inline limit
+    /// are staged first).
+    async fn complete_batch(
+        &self,
+        session: &SessionId,
+        batch: &[(Lease, Result<Bytes, (JobFailure, AttemptEnd)>)],
+    ) -> Result<Vec<Completion>, BrokerError> {
+        let base = self.keys().base(session);
+        let mut args = Vec::with_capacity(batch.len());
+        for (lease, outcome) in batch {
+            let (kind, failure, message, end, blob, len) = match outcome {
+                Ok(output) => {
+                    too_large(output.len())?;
+                    let blob = self.put(&base, output).await?;
+                    let len = output.len();
+                    ("d", Vec::new(), String::new(), AttemptEnd::Completed, blob, len)
+                }
+                Err((kind, end)) => {
+                    let message = match end {
+                        AttemptEnd::WorkerError(m) | AttemptEnd::Undecodable(m) => m.clone(),
+                        other => other.to_string(),
+                    };
+                    ("f", to_cbor(kind)?, message, end.clone(), Blob::None, 0)
+                }
+            };
+            let record = to_cbor(&AttemptRecord {
+                attempt: lease.attempt,
+                node: lease.node.clone(),
+                worker: lease.worker.clone(),
+                end,
+            })?;
+            args.push((lease, kind, failure, message, record, blob, len));
+        }
+        let mut inv = SCRIPTS.complete.prepare_invoke();
+        inv.key(self.keys().meta(session)).arg(&base);
+        for (lease, kind, failure, message, record, blob, len) in &args {
+            let chunks = if *kind == "d" {
+                chunk_count(*len, self.chunk())
+            } else {
+                0
+            };
+            inv.arg(lease.job.0)
+                .arg(lease.attempt)
+                .arg(&lease.token)
+                .arg(&lease.node.0)
+                .arg(record)
+                .arg(*kind)
+                .arg(failure)
+                .arg(message)
+                .arg(chunks)
+                .arg(*len)
+                .arg(blob.mode())
+                .arg(blob.arg());
+        }
+        let answers = array(self.run_in(session, &inv).await?)?;
+        if answers.len() != batch.len() {
+            return Err(bad(format!(
+                "{} answers for {} outcomes",
+                answers.len(),
+                batch.len()
+            )));
+        }
+        answers
+            .iter()
+            .map(|a| {
+                Ok(if int(a)? == 1 {
+                    Completion::Accepted
+                } else {
+                    Completion::Discarded
+                })
+            })
+            .collect()
+    }
 }
 
 /// Hand a dedicated connection back after success; discard it after an error.
@@ -1082,6 +1206,21 @@ impl Broker for RedisBroker {
         worker: &WorkerId,
         wait: Duration,
     ) -> Result<Option<LeasedJob>, BrokerError> {
+        Ok(self
+            .take_jobs(session, node, worker, 1, wait)
+            .await?
+            .into_iter()
+            .next())
+    }
+
+    async fn take_jobs(
+        &self,
+        session: &SessionId,
+        node: &NodeId,
+        worker: &WorkerId,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<LeasedJob>, BrokerError> {
         let deadline = Instant::now() + wait;
         let base = self.keys().base(session);
         let jobs_key = format!("{base}jobs");
@@ -1093,43 +1232,23 @@ impl Broker for RedisBroker {
                 .arg(&base)
                 .arg(&node.0)
                 .arg(&worker.0)
-                .arg(self.inline_max());
+                .arg(self.inline_max())
+                .arg(max.clamp(1, TAKE_BATCH_JOBS))
+                .arg(TAKE_BATCH_BYTES);
             let items = array(self.run_in(session, &inv).await?)?;
             let flag = int(items.first().ok_or_else(|| bad("empty reply"))?)?;
             if flag == 1 {
-                let [_, job, attempt, entry, upd, log_len, n, len, data] =
-                    take::<9>(Value::Array(items))?;
-                let job = parse_job_id(job)?;
-                let payload = match opt_bytes(data)? {
-                    Some(data) => Bytes::from(data),
-                    None => {
-                        self.fetch(&format!("{base}in:{job}"), uint(&n)?, uint(&len)?)
-                            .await?
-                    }
-                };
-                return Ok(Some(LeasedJob {
-                    lease: Lease {
-                        session: session.clone(),
-                        job: JobId(job),
-                        attempt: uint(&attempt)?,
-                        node: node.clone(),
-                        worker: worker.clone(),
-                        token: string(entry)?,
-                    },
-                    payload,
-                    update_seq: uint(&upd)?,
-                    log_len: uint(&log_len)?,
-                }));
+                return self.leased(session, node, worker, items).await;
             }
             let [_, last, log_len] = take::<3>(Value::Array(items))?;
             let log_len: u64 = uint(&log_len)?;
             if *first_log.get_or_insert(log_len) != log_len {
                 // An update arrived: hand back nothing so the idle worker applies it now.
-                return Ok(None);
+                return Ok(Vec::new());
             }
             let now = Instant::now();
             if now >= deadline {
-                return Ok(None);
+                return Ok(Vec::new());
             }
             let last = string(last)?;
             let log_id = format!("{log_len}-0");
@@ -1137,7 +1256,7 @@ impl Broker for RedisBroker {
                 .wait_streams(&[&jobs_key, &upd_key], &[&last, &log_id], deadline - now)
                 .await?;
             if woke.is_empty() || woke.contains(&upd_key) {
-                return Ok(None);
+                return Ok(Vec::new());
             }
         }
     }
@@ -1147,56 +1266,44 @@ impl Broker for RedisBroker {
         lease: &Lease,
         outcome: Result<Bytes, (JobFailure, AttemptEnd)>,
     ) -> Result<Completion, BrokerError> {
-        let session = &lease.session;
-        let base = self.keys().base(session);
-        let (kind, failure, message, end, output) = match outcome {
-            Ok(bytes) => {
-                too_large(bytes.len())?;
-                ("d", Vec::new(), String::new(), AttemptEnd::Completed, bytes)
-            }
-            Err((kind, end)) => {
-                let message = match &end {
-                    AttemptEnd::WorkerError(m) | AttemptEnd::Undecodable(m) => m.clone(),
-                    other => other.to_string(),
-                };
-                ("f", to_cbor(&kind)?, message, end, Bytes::new())
-            }
-        };
-        let record = to_cbor(&AttemptRecord {
-            attempt: lease.attempt,
-            node: lease.node.clone(),
-            worker: lease.worker.clone(),
-            end,
-        })?;
-        let blob = if kind == "d" {
-            self.put(&base, &output).await?
-        } else {
-            Blob::None
-        };
-        let mut inv = SCRIPTS.complete.prepare_invoke();
-        inv.key(self.keys().meta(session))
-            .arg(&base)
-            .arg(lease.job.0)
-            .arg(lease.attempt)
-            .arg(&lease.token)
-            .arg(&lease.node.0)
-            .arg(record)
-            .arg(kind)
-            .arg(failure)
-            .arg(message)
-            .arg(if kind == "d" {
-                chunk_count(output.len(), self.chunk())
-            } else {
-                0
-            })
-            .arg(output.len())
-            .arg(blob.mode())
-            .arg(blob.arg());
-        Ok(if int(&self.run_in(session, &inv).await?)? == 1 {
-            Completion::Accepted
-        } else {
-            Completion::Discarded
-        })
+        let answers = self
+            .complete_many(vec![(lease.clone(), outcome)])
+            .await?;
+        answers
+            .into_iter()
+            .next()
+            .ok_or_else(|| bad("no answer for the outcome"))
+    }
+
+    async fn complete_many(
+        &self,
+        outcomes: Vec<(Lease, Result<Bytes, (JobFailure, AttemptEnd)>)>,
+    ) -> Result<Vec<Completion>, BrokerError> {
+        let mut answers = Vec::with_capacity(outcomes.len());
+        // One script call per session and per few MiB of inline output.
+        let mut rest = outcomes.as_slice();
+        while let Some((first, _)) = rest.first() {
+            let session = &first.session;
+            let mut bytes = 0;
+            let n = rest
+                .iter()
+                .take_while(|(lease, outcome)| {
+                    let size = match outcome {
+                        Ok(b) if b.len() <= self.inline_max() => b.len(),
+                        _ => 0,
+                    };
+                    let fits = lease.session == *session
+                        && (bytes == 0 || bytes + size <= SUBMIT_BATCH_BYTES);
+                    bytes += size;
+                    fits
+                })
+                .count()
+                .max(1);
+            let (batch, tail) = rest.split_at(n);
+            rest = tail;
+            answers.extend(self.complete_batch(session, batch).await?);
+        }
+        Ok(answers)
     }
 
     async fn abandon(&self, lease: &Lease, end: AttemptEnd) -> Result<Abandoned, BrokerError> {

@@ -88,6 +88,14 @@ pub struct SessionSpec {
     pub lease: Duration,
     /// Who opened it (host and pid), for status output and logs.
     pub owner: String,
+    /// Whether nodes may take several jobs per broker round trip when jobs finish much faster
+    /// than a round trip (on by default; see `PoolBuilder::auto_batching`).
+    #[serde(default = "yes")]
+    pub auto_batching: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// An open session as nodes see it.
@@ -488,12 +496,48 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
         worker: &WorkerId,
         wait: Duration,
     ) -> Result<Option<LeasedJob>, BrokerError>;
+    /// Lease up to `max` queued jobs for `worker` at once, in queue order: at least one when
+    /// any is queued, waiting up to `wait` for the first as [`Broker::take_job`] does. The
+    /// node runs them one after another; each keeps its own lease and outcome. Backends may
+    /// return fewer (the default takes one, with `take_job`).
+    ///
+    /// # Errors
+    /// [`BrokerError::SessionGone`] once the session closed.
+    async fn take_jobs(
+        &self,
+        session: &SessionId,
+        node: &NodeId,
+        worker: &WorkerId,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<LeasedJob>, BrokerError> {
+        let _ = max;
+        Ok(self
+            .take_job(session, node, worker, wait)
+            .await?
+            .into_iter()
+            .collect())
+    }
     /// Record an attempt's outcome: a result (`Ok`) or the worker's error (`Err`, not retried).
     async fn complete(
         &self,
         lease: &Lease,
         outcome: Result<Bytes, (JobFailure, AttemptEnd)>,
     ) -> Result<Completion, BrokerError>;
+    /// Record several attempts' outcomes (as [`Broker::complete`] each), in one round trip
+    /// where the backend can; the answers come in the same order. On an error none, some or
+    /// all may be recorded: calling again with the same outcomes is safe (a recorded one is
+    /// then [`Completion::Discarded`]).
+    async fn complete_many(
+        &self,
+        outcomes: Vec<(Lease, Result<Bytes, (JobFailure, AttemptEnd)>)>,
+    ) -> Result<Vec<Completion>, BrokerError> {
+        let mut answers = Vec::with_capacity(outcomes.len());
+        for (lease, outcome) in outcomes {
+            answers.push(self.complete(&lease, outcome).await?);
+        }
+        Ok(answers)
+    }
     /// Hand a lease back after a failed attempt; the job is retried or fails for good.
     async fn abandon(&self, lease: &Lease, end: AttemptEnd) -> Result<Abandoned, BrokerError>;
     /// Updates after `after`, in order, at most `max`.

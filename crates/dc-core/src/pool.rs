@@ -151,6 +151,7 @@ pub struct PoolBuilder<W: Worker, C: Connector = LocalOnly> {
     port: u16,
     max_attempts: u32,
     lease: Duration,
+    auto_batching: bool,
     cpu_workers: Option<usize>,
     gpus: dc_gpu::GpuSelection,
     workers_per_gpu: usize,
@@ -168,6 +169,7 @@ impl<W: Worker, C: Connector> std::fmt::Debug for PoolBuilder<W, C> {
             .field("port", &self.port)
             .field("max_attempts", &self.max_attempts)
             .field("lease", &self.lease)
+            .field("auto_batching", &self.auto_batching)
             .finish_non_exhaustive()
     }
 }
@@ -182,6 +184,7 @@ impl<W: Worker, C: Connector> PoolBuilder<W, C> {
             port: DEFAULT_PORT,
             max_attempts: 3,
             lease: default_lease(),
+            auto_batching: true,
             cpu_workers: None,
             gpus: dc_gpu::GpuSelection::Auto,
             workers_per_gpu: 1,
@@ -251,6 +254,18 @@ impl<W: Worker, C: Connector> PoolBuilder<W, C> {
         self
     }
 
+    /// Automatic batching of tiny jobs (default on). When a worker finishes jobs much faster
+    /// than a broker round trip, its node takes several jobs per round trip and reports their
+    /// results together, and keeps a few taken ahead while one runs; the depth adapts to the
+    /// measured job and round-trip times, and jobs that take long compared with a round trip
+    /// are taken one at a time, with nothing held back from other workers. Each job still has
+    /// its own lease, attempts and outcome, and `map` keeps its order. Turn it off to have
+    /// every job dispatched alone (each result is then reported the moment it is ready).
+    pub fn auto_batching(mut self, on: bool) -> Self {
+        self.auto_batching = on;
+        self
+    }
+
     /// Local mode: CPU worker processes when there is no GPU (default: the available cores).
     pub fn cpu_workers(mut self, n: usize) -> Self {
         self.cpu_workers = Some(n);
@@ -294,6 +309,7 @@ impl<W: Worker, C: Connector> PoolBuilder<W, C> {
             max_attempts: self.max_attempts,
             lease: self.lease,
             owner: format!("{} pid {}", host_name(), std::process::id()),
+            auto_batching: self.auto_batching,
         };
         match self.target.clone() {
             Target::Local => self.connect_local(spec).await,

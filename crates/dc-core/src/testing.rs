@@ -48,6 +48,8 @@ macro_rules! broker_conformance_tests {
             problems_reach_the_pool,
             resubmitted_job_ids_are_ignored,
             results_are_handed_out_once,
+            take_jobs_leases_a_batch_once_each,
+            complete_many_records_each_outcome,
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {
@@ -69,6 +71,7 @@ pub fn spec(lease: Duration, max_attempts: u32) -> SessionSpec {
         max_attempts,
         lease,
         owner: "conformance suite".into(),
+        auto_batching: true,
     }
 }
 
@@ -663,4 +666,107 @@ pub async fn nodes_are_listed_with_their_last_status(broker: Arc<dyn Broker>) {
         !seen.iter().any(|n| n.status.node == node("list-b")),
         "a node that left is still listed"
     );
+}
+
+/// `take_jobs` leases up to `max` jobs per call, in queue order, each once; with nothing
+/// queued it waits and returns none.
+pub async fn take_jobs_leases_a_batch_once_each(broker: Arc<dyn Broker>) {
+    let s = open(broker.as_ref(), Duration::from_secs(30), 3).await;
+    broker.submit(&s.id, jobs(0..25)).await.expect("submit");
+    let (n, w) = (node("n"), worker("n", 0));
+    let mut all = Vec::new();
+    loop {
+        let batch = broker
+            .take_jobs(&s.id, &n, &w, 4, SHORT)
+            .await
+            .expect("take_jobs");
+        if batch.is_empty() {
+            break;
+        }
+        assert!(batch.len() <= 4, "more than max: {}", batch.len());
+        for job in &batch {
+            assert_eq!(job.lease.attempt, 1);
+            assert_eq!(job.lease.worker, w);
+            assert_eq!(job.payload.as_ref(), job.lease.job.0.to_le_bytes());
+        }
+        all.extend(batch.iter().map(|j| j.lease.job.0));
+        assert!(all.len() <= 25, "jobs leased twice: {all:?}");
+    }
+    assert_eq!(all, (0..25).collect::<Vec<_>>(), "each job once, in order");
+    let started = Instant::now();
+    let none = broker
+        .take_jobs(&s.id, &n, &w, 8, Duration::from_millis(200))
+        .await
+        .expect("take_jobs");
+    assert!(none.is_empty());
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
+
+/// `complete_many` records each outcome as `complete` would: results and worker errors are
+/// accepted, a stale lease in the batch is discarded alone, and sending the same batch again
+/// records nothing twice.
+pub async fn complete_many_records_each_outcome(broker: Arc<dyn Broker>) {
+    let s = open(broker.as_ref(), Duration::from_secs(30), 3).await;
+    broker.submit(&s.id, jobs(0..4)).await.expect("submit");
+    let (n, w) = (node("n"), worker("n", 0));
+    let mut leased = Vec::new();
+    while leased.len() < 4 {
+        let batch = broker
+            .take_jobs(&s.id, &n, &w, 4, SHORT)
+            .await
+            .expect("take_jobs");
+        assert!(!batch.is_empty(), "jobs still queued");
+        leased.extend(batch);
+    }
+    leased.sort_by_key(|j| j.lease.job);
+    // Job 3's lease goes stale: handed back, then leased again as attempt 2.
+    let stale = leased[3].lease.clone();
+    let requeued = broker
+        .abandon(&stale, AttemptEnd::NodeLeft)
+        .await
+        .expect("abandon");
+    assert_eq!(requeued, Abandoned::Requeued);
+    let again = take(broker.as_ref(), &s.id, "m").await.expect("job 3 again");
+    assert_eq!(again.lease.job, JobId(3));
+    let batch = vec![
+        (leased[0].lease.clone(), Ok(Bytes::from_static(b"zero"))),
+        (
+            leased[1].lease.clone(),
+            Err((JobFailure::Worker, AttemptEnd::WorkerError("no".into()))),
+        ),
+        (leased[2].lease.clone(), Ok(Bytes::from_static(b"two"))),
+        (stale, Ok(Bytes::from_static(b"late"))),
+    ];
+    let answers = broker
+        .complete_many(batch.clone())
+        .await
+        .expect("complete_many");
+    use Completion::{Accepted, Discarded};
+    assert_eq!(answers, vec![Accepted, Accepted, Accepted, Discarded]);
+    let repeated = broker.complete_many(batch).await.expect("complete_many");
+    assert_eq!(repeated, vec![Discarded; 4], "recorded twice");
+    broker
+        .complete(&again.lease, Ok(Bytes::from_static(b"three")))
+        .await
+        .expect("complete");
+    let mut results = all_results(broker.as_ref(), &s.id, 4).await;
+    results.sort_by_key(|r| r.job);
+    let outcomes: Vec<_> = results.iter().map(|r| (r.job.0, &r.outcome)).collect();
+    assert_eq!(outcomes.len(), 4, "one result per job: {outcomes:?}");
+    assert_eq!(
+        outcomes[0].1,
+        &JobOutcome::Done(Bytes::from_static(b"zero"))
+    );
+    assert!(matches!(outcomes[1].1, JobOutcome::Failed { kind: JobFailure::Worker, message, .. } if message == "no"));
+    assert_eq!(outcomes[2].1, &JobOutcome::Done(Bytes::from_static(b"two")));
+    assert_eq!(
+        outcomes[3].1,
+        &JobOutcome::Done(Bytes::from_static(b"three"))
+    );
+    assert_eq!(results[3].attempts, 2);
+    let more = broker
+        .take_results(&s.id, 10, Duration::from_millis(200))
+        .await
+        .expect("take_results");
+    assert!(more.is_empty(), "a result was handed out twice: {more:?}");
 }
