@@ -465,14 +465,7 @@ async fn run_local(report: &mut Report, sizes: Sizes) -> Result<(), BoxError> {
             .note(format!("no baselines: cannot start a redis-server ({e})")),
         ),
     }
-    let pool = Pool::<BenchWorker>::builder(())
-        .local()
-        .cpu_workers(WORKERS)
-        .connect()
-        .await?;
-    let result = pool_workloads(report, sizes, &pool).await;
-    let _ = pool.close().await;
-    result?;
+    pool_workloads(report, sizes, &PoolTarget::Local).await?;
     report.push(
         Row {
             value: None,
@@ -557,16 +550,8 @@ async fn run_redis_workloads(
 
     // W1–W4: one node agent (in this process) with 2 CPU worker processes.
     let agent = cpu_agent(redis_broker(url, prefix).await?, WORKERS, false)?;
-    let result = async {
-        let pool = Pool::<BenchWorker>::builder(())
-            .broker_instance(redis_broker(url, prefix).await?)
-            .connect()
-            .await?;
-        let result = pool_workloads(report, sizes, &pool).await;
-        let _ = pool.close().await;
-        result
-    }
-    .await;
+    let target = PoolTarget::Redis { url, prefix };
+    let result = pool_workloads(report, sizes, &target).await;
     agent.shutdown().await;
     result?;
 
@@ -613,46 +598,97 @@ fn sorted(mut v: Vec<f64>) -> Vec<f64> {
     v
 }
 
-/// W1–W4 on an open pool of 2 workers.
-async fn pool_workloads(
-    report: &mut Report,
-    sizes: Sizes,
-    pool: &Pool<BenchWorker>,
-) -> Result<(), BoxError> {
-    wait_workers(pool, WORKERS, Duration::from_secs(60)).await?;
-    // Warm up: both workers built, connections open.
-    pool.map((0..200).map(BenchJob::Echo)).await?;
-    let base = report.baselines.unwrap_or_default();
+/// Where W1–W4 open their pools.
+enum PoolTarget<'a> {
+    /// A `local()` pool with 2 CPU workers.
+    Local,
+    /// A pool on the Redis at `url` (key prefix `prefix`), served by the bench's own agent.
+    Redis { url: &'a str, prefix: &'a str },
+}
 
-    // W1: throughput, one job per dispatch.
-    let n = sizes.w1_jobs;
+/// Open a pool with automatic batching on or off, wait for its 2 workers and warm it up
+/// (workers built, connections open).
+async fn open_pool(target: &PoolTarget<'_>, batching: bool) -> Result<Pool<BenchWorker>, BoxError> {
+    let builder = Pool::<BenchWorker>::builder(()).auto_batching(batching);
+    let pool = match target {
+        PoolTarget::Local => builder.local().cpu_workers(WORKERS).connect().await?,
+        PoolTarget::Redis { url, prefix } => {
+            builder
+                .broker_instance(redis_broker(url, prefix).await?)
+                .connect()
+                .await?
+        }
+    };
+    wait_workers(&pool, WORKERS, Duration::from_secs(60)).await?;
+    pool.map((0..200).map(BenchJob::Echo)).await?;
+    Ok(pool)
+}
+
+/// W1: `n` Echo jobs through one `map`; jobs/s.
+async fn echo_rate(pool: &Pool<BenchWorker>, n: u64) -> Result<f64, BoxError> {
     let t = Instant::now();
     let out = pool.map((0..n).map(BenchJob::Echo)).await?;
     let secs = t.elapsed().as_secs_f64();
-    let ok = out
-        .iter()
-        .enumerate()
-        .all(|(i, o)| matches!(o, BenchOutput::Echo(v) if *v == i as u64));
+    let ok = out.len() == n as usize
+        && out
+            .iter()
+            .enumerate()
+            .all(|(i, o)| matches!(o, BenchOutput::Echo(v) if *v == i as u64));
     if !ok {
         return Err("W1: wrong echo results".into());
     }
-    let rate = n as f64 / secs;
+    Ok(n as f64 / secs)
+}
+
+/// W1–W4 on pools of 2 workers: W1 one job per dispatch on a pool with automatic batching
+/// off, then the rest on a default pool (batching on).
+async fn pool_workloads(
+    report: &mut Report,
+    sizes: Sizes,
+    target: &PoolTarget<'_>,
+) -> Result<(), BoxError> {
+    let base = report.baselines.unwrap_or_default();
+    let n = sizes.w1_jobs;
+
+    // W1: throughput, one job per dispatch.
+    let pool = open_pool(target, false).await?;
+    let rate = echo_rate(&pool, n).await;
+    let _ = pool.close().await;
+    let rate = rate?;
     let ratio = rate / base.cycle_k1_per_s;
     report.push(
         Row::new("W1", "jobs_per_s", rate)
             .ratio(ratio)
             .target(">= 5000 and ratio >= 0.5", rate >= 5000.0 && ratio >= 0.5)
             .note(format!(
-                "{n} Echo jobs, one job per dispatch; ratio = value / cycle_k1_per_s"
+                "{n} Echo jobs, one job per dispatch (auto_batching off); ratio = value / cycle_k1_per_s"
             )),
     );
+
+    let pool = open_pool(target, true).await?;
+    let result = default_pool_workloads(report, sizes, &pool).await;
+    let _ = pool.close().await;
+    result
+}
+
+/// W1 batched and W2–W4 on a default pool.
+async fn default_pool_workloads(
+    report: &mut Report,
+    sizes: Sizes,
+    pool: &Pool<BenchWorker>,
+) -> Result<(), BoxError> {
+    let base = report.baselines.unwrap_or_default();
+    let n = sizes.w1_jobs;
+
+    // W1 with automatic batching.
+    let rate = echo_rate(pool, n).await?;
     report.push(
-        Row {
-            value: None,
-            ..Row::new("W1", "jobs_per_s_batched", 0.0)
-        }
-        .target(">= 30000", false)
-        .note("automatic batching is not implemented yet"),
+        Row::new("W1", "jobs_per_s_batched", rate)
+            .ratio(rate / base.cycle_k1_per_s)
+            .target(">= 30000", rate >= 30000.0)
+            .note(format!(
+                "{n} Echo jobs, automatic batching (the default); ratio = value / cycle_k1_per_s"
+            )),
     );
 
     // W2: sequential round trips.

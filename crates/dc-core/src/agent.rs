@@ -628,6 +628,169 @@ async fn run_simulated_slot(
     shared.set_state(slot, None, WorkerState::Starting);
 }
 
+/// An attempt's outcome as the node reports it.
+type Outcome = Result<Bytes, (JobFailure, AttemptEnd)>;
+
+/// Most jobs a slot holds taken ahead of the one it runs (automatic batching).
+const MAX_AHEAD: usize = 64;
+/// Payload bytes a slot holds taken ahead at most (it tops up only below this).
+const AHEAD_BYTES: usize = 64 << 20;
+/// A slot takes jobs ahead only while a broker round trip is at least this fraction of a job's
+/// run time: longer jobs gain nothing from it, and a job held ahead is one another idle worker
+/// cannot start.
+const AHEAD_MIN_RATIO: f64 = 0.05;
+
+/// A slot's measured pace: how long its jobs run and how long a broker exchange takes
+/// (moving averages), which set how many jobs it takes ahead.
+#[derive(Debug, Default)]
+struct Pace {
+    job_us: Option<f64>,
+    io_us: Option<f64>,
+}
+
+impl Pace {
+    fn note(avg: &mut Option<f64>, d: Duration) {
+        let x = d.as_secs_f64() * 1e6;
+        *avg = Some(match *avg {
+            Some(a) => 0.8 * a + 0.2 * x,
+            None => x,
+        });
+    }
+
+    /// Jobs to hold taken ahead of the running one: about two round trips' worth of jobs, so
+    /// that the worker never waits on the broker; none for jobs long next to a round trip, or
+    /// with batching off.
+    fn depth(&self, batching: bool) -> usize {
+        let (Some(job), Some(io)) = (self.job_us, self.io_us) else {
+            return 0;
+        };
+        let ratio = io / job.max(1.0);
+        if !batching || ratio < AHEAD_MIN_RATIO {
+            return 0;
+        }
+        ((2.0 * ratio).ceil() as usize).clamp(1, MAX_AHEAD)
+    }
+}
+
+/// What one background broker exchange did: outcomes reported, jobs taken.
+struct Exchange {
+    reported: Vec<JobId>,
+    taken: Result<Vec<LeasedJob>, BrokerError>,
+    took: Duration,
+}
+
+/// Report finished outcomes and take up to `want` more jobs (without waiting), concurrently.
+async fn exchange(
+    shared: &NodeShared,
+    info: &SessionInfo,
+    worker: &WorkerId,
+    outcomes: Vec<(Lease, Outcome)>,
+    want: usize,
+) -> Exchange {
+    let started = tokio::time::Instant::now();
+    let broker = shared.broker.as_ref();
+    let reported: Vec<JobId> = outcomes.iter().map(|(l, _)| l.job).collect();
+    let report = async {
+        if let Some((first, _)) = outcomes.first() {
+            report(first, || broker.complete_many(outcomes.clone())).await;
+        }
+    };
+    let take = async {
+        if want == 0 {
+            return Ok(Vec::new());
+        }
+        broker
+            .take_jobs(
+                &info.id,
+                &shared.config.node_id,
+                worker,
+                want,
+                Duration::ZERO,
+            )
+            .await
+    };
+    let ((), taken) = tokio::join!(report, take);
+    Exchange {
+        reported,
+        taken,
+        took: started.elapsed(),
+    }
+}
+
+/// A slot's jobs between the broker and its worker: taken ahead, and finished but not yet
+/// reported. Every one of them holds a lease in `shared.leases` (renewed by the heartbeat).
+struct Flow<'a> {
+    shared: &'a NodeShared,
+    info: &'a SessionInfo,
+    slot: usize,
+    worker_id: &'a WorkerId,
+    ahead: VecDeque<LeasedJob>,
+    done: Vec<(Lease, Outcome)>,
+    pace: Pace,
+    /// The broker said the session is gone.
+    gone: bool,
+}
+
+impl<'a> Flow<'a> {
+    fn ahead_bytes(&self) -> usize {
+        self.ahead.iter().map(|j| j.payload.len()).sum()
+    }
+
+    /// Jobs to take now, given what is held ahead.
+    fn want(&self) -> usize {
+        let depth = self.pace.depth(self.info.spec.auto_batching);
+        if self.ahead.is_empty() {
+            return depth.max(1);
+        }
+        if depth == 0 || self.ahead.len() > depth / 2 || self.ahead_bytes() >= AHEAD_BYTES {
+            return 0;
+        }
+        depth - self.ahead.len()
+    }
+
+    /// Start a background exchange if one is due: outcomes to report, or jobs to top up.
+    fn start(&mut self) -> Option<futures::future::BoxFuture<'a, Exchange>> {
+        let want = if self.gone { 0 } else { self.want() };
+        if self.done.is_empty() && want == 0 {
+            return None;
+        }
+        let outcomes = std::mem::take(&mut self.done);
+        let (shared, info, worker) = (self.shared, self.info, self.worker_id);
+        Some(Box::pin(exchange(shared, info, worker, outcomes, want)))
+    }
+
+    /// Take in an exchange's answer.
+    fn finish(&mut self, ex: Exchange) {
+        {
+            let mut leases = lock(&self.shared.leases);
+            for job in &ex.reported {
+                leases.remove(&(self.slot, *job));
+            }
+        }
+        self.pace_io(ex.took);
+        match ex.taken {
+            Ok(jobs) => self.hold(jobs),
+            Err(BrokerError::SessionGone(_)) => self.gone = true,
+            Err(e) => {
+                tracing::debug!(worker = %self.worker_id, error = %e, "taking jobs ahead failed")
+            }
+        }
+    }
+
+    fn pace_io(&mut self, took: Duration) {
+        Pace::note(&mut self.pace.io_us, took);
+    }
+
+    /// Hold newly leased jobs (their leases renewed from now on).
+    fn hold(&mut self, jobs: Vec<LeasedJob>) {
+        let mut leases = lock(&self.shared.leases);
+        for job in jobs {
+            leases.insert((self.slot, job.lease.job), job.lease.clone());
+            self.ahead.push_back(job);
+        }
+    }
+}
+
 async fn serve_jobs(
     shared: &NodeShared,
     info: &SessionInfo,
@@ -637,10 +800,43 @@ async fn serve_jobs(
     proc: &mut WorkerProc,
     cancel: &mut watch::Receiver<bool>,
 ) -> SlotExit {
+    let mut flow = Flow {
+        shared,
+        info,
+        slot,
+        worker_id,
+        ahead: VecDeque::new(),
+        done: Vec::new(),
+        pace: Pace::default(),
+        gone: false,
+    };
+    let mut inflight: Option<futures::future::BoxFuture<'_, Exchange>> = None;
+    let exit = serve_flow(&mut flow, &mut inflight, log, proc, cancel).await;
+    // Whatever finished is reported before the slot lets go (its leases are still renewed);
+    // jobs taken ahead and never started go back to the queue with `release_slot_leases`.
+    if let Some(ex) = inflight.take() {
+        let ex = ex.await;
+        flow.finish(ex);
+    }
+    flow.gone = true;
+    if let Some(ex) = flow.start() {
+        let ex = ex.await;
+        flow.finish(ex);
+    }
+    exit
+}
+
+async fn serve_flow<'a>(
+    flow: &mut Flow<'a>,
+    inflight: &mut Option<futures::future::BoxFuture<'a, Exchange>>,
+    log: &UpdateLog,
+    proc: &mut WorkerProc,
+    cancel: &mut watch::Receiver<bool>,
+) -> SlotExit {
+    let (shared, info, slot, worker_id) = (flow.shared, flow.info, flow.slot, flow.worker_id);
     let broker = shared.broker.as_ref();
     let mut applied: UpdateSeq = 0;
     let mut failures = 0u32;
-    let mut next: Option<LeasedJob> = None;
     loop {
         // Catch up with every update this node knows of before the next job.
         if log.known() > applied
@@ -650,10 +846,32 @@ async fn serve_jobs(
             return SlotExit::Restart;
         }
         report_update_errors(shared, &info.id, worker_id, proc).await;
-        // The next job: one taken while the last result was reported, else wait for one.
-        let taken = match next.take() {
-            Some(job) => Ok(Some(job)),
-            None => tokio::select! {
+        if inflight.is_none() {
+            *inflight = flow.start();
+        }
+        let Some(job) = flow.ahead.pop_front() else {
+            if let Some(ex) = inflight.take() {
+                // Nothing to run until the exchange in flight answers: report and take in one
+                // round trip.
+                let ex = tokio::select! {
+                    biased;
+                    _ = cancel.changed() => return SlotExit::Done,
+                    ex = ex => ex,
+                };
+                flow.finish(ex);
+                if flow.gone {
+                    return SlotExit::Done;
+                }
+                if flow.ahead.is_empty() {
+                    shared.set_state(slot, Some(&info.id), WorkerState::Idle);
+                }
+                continue;
+            }
+            if flow.gone {
+                return SlotExit::Done;
+            }
+            // Idle: wait for jobs.
+            let taken = tokio::select! {
                 biased;
                 _ = cancel.changed() => return SlotExit::Done,
                 // An idle worker says nothing; a frame or a closed channel means it broke or died.
@@ -667,63 +885,71 @@ async fn serve_jobs(
                     tracing::warn!(worker = %worker_id, "idle worker {what}: {end}; restarting it");
                     return SlotExit::Restart;
                 }
-                r = broker.take_job(&info.id, &shared.config.node_id, worker_id, shared.config.poll) => r,
-            },
-        };
-        let job = match taken {
-            Ok(Some(job)) => job,
-            Ok(None) => {
-                // Idle (or woken by an update): refresh the log so idle workers apply it now.
-                if let Err(e) = log.fetch(broker, None).await {
-                    if matches!(e, BrokerError::SessionGone(_)) {
-                        return SlotExit::Done;
+                r = broker.take_jobs(&info.id, &shared.config.node_id, worker_id, flow.want(), shared.config.poll) => r,
+            };
+            match taken {
+                Ok(jobs) if jobs.is_empty() => {
+                    // Idle (or woken by an update): refresh the log so idle workers apply it now.
+                    if let Err(e) = log.fetch(broker, None).await {
+                        if matches!(e, BrokerError::SessionGone(_)) {
+                            return SlotExit::Done;
+                        }
+                        tracing::debug!(error = %e, "update log refresh failed");
                     }
-                    tracing::debug!(error = %e, "update log refresh failed");
                 }
-                continue;
+                Ok(jobs) => {
+                    failures = 0;
+                    flow.hold(jobs);
+                }
+                Err(BrokerError::SessionGone(_)) => return SlotExit::Done,
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!(worker = %worker_id, error = %e, "cannot take a job; retrying");
+                    tokio::time::sleep(backoff(failures)).await;
+                }
             }
-            Err(BrokerError::SessionGone(_)) => return SlotExit::Done,
-            Err(e) => {
-                failures += 1;
-                tracing::warn!(worker = %worker_id, error = %e, "cannot take a job; retrying");
-                tokio::time::sleep(backoff(failures)).await;
-                continue;
-            }
+            continue;
         };
-        failures = 0;
-        let key = (slot, job.lease.job);
-        lock(&shared.leases).insert(key, job.lease.clone());
         shared.set_state(slot, Some(&info.id), WorkerState::Busy);
-        let outcome = run_one(shared, proc, log, &mut applied, &job, cancel).await;
-        match outcome {
-            JobStep::Done(result) => {
-                // Report the result and take the next job in the same round trip: the slot is
-                // free now, so this is the take it would do next anyway.
-                let lease = &job.lease;
-                let complete = report(lease, || broker.complete(lease, result.clone()));
-                let take =
-                    broker.take_job(&info.id, &shared.config.node_id, worker_id, Duration::ZERO);
-                let ((), taken) = tokio::join!(complete, take);
-                lock(&shared.leases).remove(&key);
-                match taken {
-                    Ok(Some(job)) => {
-                        lock(&shared.leases).insert((slot, job.lease.job), job.lease.clone());
-                        next = Some(job);
+        let started = tokio::time::Instant::now();
+        // Run the job; meanwhile the exchange in flight (if any) reports and takes ahead.
+        let step = {
+            let run = run_one(shared, proc, log, &mut applied, &job, cancel);
+            tokio::pin!(run);
+            loop {
+                let Some(ex) = inflight.as_mut() else {
+                    break run.await;
+                };
+                let answered = tokio::select! {
+                    step = &mut run => Err(step),
+                    ex = ex => Ok(ex),
+                };
+                match answered {
+                    Err(step) => break step,
+                    Ok(ex) => {
+                        *inflight = None;
+                        flow.finish(ex);
                     }
-                    Ok(None) => shared.set_state(slot, Some(&info.id), WorkerState::Idle),
-                    Err(BrokerError::SessionGone(_)) => return SlotExit::Done,
-                    Err(_) => shared.set_state(slot, Some(&info.id), WorkerState::Idle),
                 }
+            }
+        };
+        match step {
+            JobStep::Done(outcome) => {
+                Pace::note(&mut flow.pace.job_us, started.elapsed());
+                flow.done.push((job.lease, outcome));
             }
             JobStep::Cancelled => {
-                lock(&shared.leases).remove(&key);
+                lock(&shared.leases).remove(&(slot, job.lease.job));
                 return SlotExit::Abort;
             }
             JobStep::WorkerBroken => {
-                lock(&shared.leases).remove(&key);
+                lock(&shared.leases).remove(&(slot, job.lease.job));
                 shared.set_state(slot, Some(&info.id), WorkerState::Idle);
                 return SlotExit::Restart;
             }
+        }
+        if flow.ahead.is_empty() && inflight.is_none() {
+            shared.set_state(slot, Some(&info.id), WorkerState::Idle);
         }
     }
 }
@@ -797,6 +1023,10 @@ where
             Err(e) if e.is_transient() && tries < 20 => {
                 tries += 1;
                 tokio::time::sleep(backoff(tries)).await;
+            }
+            Err(BrokerError::SessionGone(_)) => {
+                tracing::debug!(job = %lease.job, "the session is gone; nothing to report to");
+                return;
             }
             Err(e) => {
                 tracing::warn!(job = %lease.job, error = %e, "could not report the job's outcome; its lease will expire and it will run again");
