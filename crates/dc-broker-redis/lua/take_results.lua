@@ -3,8 +3,9 @@
 -- out:<id> for the client to fetch by chunks and delete.
 -- KEYS[1] session meta.
 -- ARGV: 1 session key base, 2 max results, 3 largest output returned inline.
--- Returns {1, {job id, kind, failure kind, attempts, message, chunk count, length, output or
--- nil, history list}...}, or {0, last generated id of the results stream} when there is none.
+-- Returns {1, id of the last notice read, {job id, kind, failure kind, attempts, message, chunk
+-- count, length, output or nil, history list}...}, or {0, last generated id of the results
+-- stream} when there is none.
 -- Error DCGONE when the session does not exist.
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return redis.error_reply('DCGONE session is gone')
@@ -24,7 +25,7 @@ if #got == 0 then
   end
   return { 0, last }
 end
-local out = { 1 }
+local out = { 1, got[#got][1] }
 for _, entry in ipairs(got) do
   redis.call('XDEL', results, entry[1])
   local jid = false

@@ -114,6 +114,20 @@ struct Inner {
     presence: tokio::sync::Mutex<Option<(NodeId, MultiplexedConnection)>>,
     /// Nodes holding leases whose presence connection the reaper did not see, since when.
     absent: std::sync::Mutex<HashMap<NodeId, Instant>>,
+    /// Where each worker's last look at its session's job stream ended: a blocking take
+    /// starts waiting from there at once (one round trip instead of a look, then a wait).
+    job_cursors: std::sync::Mutex<HashMap<WorkerId, Cursor>>,
+    /// The same for the pool's reads of its session's results stream.
+    result_cursor: std::sync::Mutex<Option<Cursor>>,
+}
+
+/// A stream position seen in a session: entries after `last` are new; `log_len` updates had
+/// been published then.
+#[derive(Debug, Clone)]
+struct Cursor {
+    session: SessionId,
+    last: String,
+    log_len: u64,
 }
 
 impl std::fmt::Debug for RedisBroker {
@@ -238,6 +252,8 @@ impl RedisBroker {
                 beats: AtomicU64::new(0),
                 presence: tokio::sync::Mutex::new(None),
                 absent: std::sync::Mutex::new(HashMap::new()),
+                job_cursors: std::sync::Mutex::new(HashMap::new()),
+                result_cursor: std::sync::Mutex::new(None),
             }),
         })
     }
@@ -383,6 +399,45 @@ impl RedisBroker {
             }
         }
         Ok(woke)
+    }
+
+    /// Wait up to `wait` for an entry after `ids` in any of `streams`, then run `inv` at once:
+    /// `XREAD BLOCK` and the script go out as one pipeline on a dedicated connection, so the
+    /// server runs the script the moment the read unblocks (no round trip between waking and
+    /// taking). Returns the script's reply, whether the wait ended by an entry or by time.
+    async fn wait_then_run(
+        &self,
+        session: &SessionId,
+        streams: &[&str],
+        ids: &[&str],
+        wait: Duration,
+        inv: &ScriptInvocation<'_>,
+    ) -> Result<Value, BrokerError> {
+        let mut conn = self.conns().dedicated(Kind::Blocking).await?;
+        Conns::arm(&mut conn, wait);
+        let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
+        let mut pipe = redis::pipe();
+        pipe.cmd("XREAD")
+            .arg("BLOCK")
+            .arg(ms)
+            .arg("COUNT")
+            .arg(1)
+            .arg("STREAMS")
+            .arg(streams)
+            .arg(ids)
+            .ignore()
+            .invoke_script(inv);
+        let mut result = pipe.query_async::<(Value,)>(conn.conn()).await;
+        if matches!(&result, Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript))
+        {
+            // The server lost its scripts (a restart): load and run it now, without waiting.
+            result = inv.invoke_async::<Value>(conn.conn()).await.map(|v| (v,));
+        }
+        let (reply,) = finish(conn, result).map_err(|e| match self.conns().error(e) {
+            BrokerError::SessionGone(_) => BrokerError::SessionGone(session.to_string()),
+            other => other,
+        })?;
+        Ok(reply)
     }
 
     /// The `CLIENT SETNAME` of a node's presence connection (no spaces allowed).
@@ -692,6 +747,25 @@ impl RedisBroker {
         })
     }
 
+    fn set_job_cursor(&self, worker: &WorkerId, session: &SessionId, last: &str, log_len: u64) {
+        let mut cursors = lock(&self.inner.job_cursors);
+        if let Some(c) = cursors.get_mut(worker) {
+            c.session.clone_from(session);
+            c.last.clear();
+            c.last.push_str(last);
+            c.log_len = log_len;
+        } else {
+            cursors.insert(
+                worker.clone(),
+                Cursor {
+                    session: session.clone(),
+                    last: last.to_string(),
+                    log_len,
+                },
+            );
+        }
+    }
+
     /// Decode the jobs a `take` script leased (fetching the chunked payloads).
     async fn leased(
         &self,
@@ -967,14 +1041,31 @@ impl Broker for RedisBroker {
         let deadline = Instant::now() + wait;
         let base = self.keys().base(session);
         let results_key = format!("{base}results");
+        let mut inv = SCRIPTS.take_results.prepare_invoke();
+        inv.key(self.keys().meta(session))
+            .arg(&base)
+            .arg(max.max(1))
+            .arg(self.inline_max());
+        let cursor = lock(&self.inner.result_cursor)
+            .as_ref()
+            .filter(|c| c.session == *session)
+            .map(|c| c.last.clone());
+        let mut reply = match cursor {
+            Some(last) if !wait.is_zero() => {
+                self.wait_then_run(session, &[&results_key], &[&last], wait, &inv)
+                    .await?
+            }
+            _ => self.run_in(session, &inv).await?,
+        };
         loop {
-            let mut inv = SCRIPTS.take_results.prepare_invoke();
-            inv.key(self.keys().meta(session))
-                .arg(&base)
-                .arg(max.max(1))
-                .arg(self.inline_max());
-            let mut items = array(self.run_in(session, &inv).await?)?.into_iter();
+            let mut items = array(reply)?.into_iter();
             let flag = int(&items.next().ok_or_else(|| bad("empty reply"))?)?;
+            let last = string(items.next().ok_or_else(|| bad("no stream id"))?)?;
+            *lock(&self.inner.result_cursor) = Some(Cursor {
+                session: session.clone(),
+                last: last.clone(),
+                log_len: 0,
+            });
             if flag == 1 {
                 let mut got = Vec::new();
                 let mut first_error = None;
@@ -992,17 +1083,13 @@ impl Broker for RedisBroker {
                     _ => Ok(got),
                 };
             }
-            let last = string(items.next().ok_or_else(|| bad("no stream id"))?)?;
             let now = Instant::now();
             if now >= deadline {
                 return Ok(Vec::new());
             }
-            let woke = self
-                .wait_streams(&[&results_key], &[&last], deadline - now)
+            reply = self
+                .wait_then_run(session, &[&results_key], &[&last], deadline - now, &inv)
                 .await?;
-            if woke.is_empty() {
-                return Ok(Vec::new());
-            }
         }
     }
 
@@ -1226,22 +1313,47 @@ impl Broker for RedisBroker {
         let jobs_key = format!("{base}jobs");
         let upd_key = format!("{base}upd");
         let mut first_log = None;
+        let mut inv = SCRIPTS.take.prepare_invoke();
+        inv.key(self.keys().meta(session))
+            .arg(&base)
+            .arg(&node.0)
+            .arg(&worker.0)
+            .arg(self.inline_max())
+            .arg(max.clamp(1, TAKE_BATCH_JOBS))
+            .arg(TAKE_BATCH_BYTES);
+        let cursor = lock(&self.inner.job_cursors)
+            .get(worker)
+            .filter(|c| c.session == *session)
+            .cloned();
+        let mut reply = match cursor {
+            Some(c) if !wait.is_zero() => {
+                first_log = Some(c.log_len);
+                let log_id = format!("{}-0", c.log_len);
+                self.wait_then_run(
+                    session,
+                    &[&jobs_key, &upd_key],
+                    &[&c.last, &log_id],
+                    wait,
+                    &inv,
+                )
+                .await?
+            }
+            _ => self.run_in(session, &inv).await?,
+        };
         loop {
-            let mut inv = SCRIPTS.take.prepare_invoke();
-            inv.key(self.keys().meta(session))
-                .arg(&base)
-                .arg(&node.0)
-                .arg(&worker.0)
-                .arg(self.inline_max())
-                .arg(max.clamp(1, TAKE_BATCH_JOBS))
-                .arg(TAKE_BATCH_BYTES);
-            let items = array(self.run_in(session, &inv).await?)?;
+            let items = array(reply)?;
             let flag = int(items.first().ok_or_else(|| bad("empty reply"))?)?;
             if flag == 1 {
-                return self.leased(session, node, worker, items).await;
+                let jobs = self.leased(session, node, worker, items).await?;
+                if let Some(job) = jobs.last() {
+                    self.set_job_cursor(worker, session, &job.lease.token, job.log_len);
+                }
+                return Ok(jobs);
             }
             let [_, last, log_len] = take::<3>(Value::Array(items))?;
             let log_len: u64 = uint(&log_len)?;
+            let last = string(last)?;
+            self.set_job_cursor(worker, session, &last, log_len);
             if *first_log.get_or_insert(log_len) != log_len {
                 // An update arrived: hand back nothing so the idle worker applies it now.
                 return Ok(Vec::new());
@@ -1250,14 +1362,16 @@ impl Broker for RedisBroker {
             if now >= deadline {
                 return Ok(Vec::new());
             }
-            let last = string(last)?;
             let log_id = format!("{log_len}-0");
-            let woke = self
-                .wait_streams(&[&jobs_key, &upd_key], &[&last, &log_id], deadline - now)
+            reply = self
+                .wait_then_run(
+                    session,
+                    &[&jobs_key, &upd_key],
+                    &[&last, &log_id],
+                    deadline - now,
+                    &inv,
+                )
                 .await?;
-            if woke.is_empty() || woke.contains(&upd_key) {
-                return Ok(Vec::new());
-            }
         }
     }
 
