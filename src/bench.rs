@@ -536,6 +536,36 @@ fn cpu_agent(
     Ok(spawn_agent(broker, config))
 }
 
+/// W1–W4's node: an agent with 2 CPU workers on a tokio runtime of its own, as a node process
+/// has, so that the pool's tasks and the node's never wait in one run queue (in a deployment
+/// they are different processes, usually on different machines).
+struct NodeRuntime {
+    runtime: tokio::runtime::Runtime,
+    agent: AgentHandle,
+}
+
+impl NodeRuntime {
+    async fn start(url: &str, prefix: &str) -> Result<Self, BoxError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("dc-bench-node")
+            .enable_all()
+            .build()?;
+        let (url, prefix) = (url.to_string(), prefix.to_string());
+        // The broker's connections are made on the node's runtime, so their tasks run there.
+        let agent = runtime
+            .spawn(async move { cpu_agent(redis_broker(&url, &prefix).await?, WORKERS, false) })
+            .await??;
+        Ok(NodeRuntime { runtime, agent })
+    }
+
+    async fn shutdown(self) {
+        let NodeRuntime { runtime, agent } = self;
+        let _ = runtime.spawn(agent.shutdown()).await;
+        runtime.shutdown_background();
+    }
+}
+
 async fn run_redis_workloads(
     report: &mut Report,
     sizes: Sizes,
@@ -549,7 +579,7 @@ async fn run_redis_workloads(
     push_baselines(report, baselines, "same server, redis-rs");
 
     // W1–W4: one node agent (in this process) with 2 CPU worker processes.
-    let agent = cpu_agent(redis_broker(url, prefix).await?, WORKERS, false)?;
+    let agent = NodeRuntime::start(url, prefix).await?;
     let target = PoolTarget::Redis { url, prefix };
     let result = pool_workloads(report, sizes, &target).await;
     agent.shutdown().await;

@@ -751,7 +751,9 @@ impl<'a> Flow<'a> {
     /// Start a background exchange if one is due: outcomes to report, or jobs to top up.
     fn start(&mut self) -> Option<futures::future::BoxFuture<'a, Exchange>> {
         let want = if self.gone { 0 } else { self.want() };
-        if self.done.is_empty() && want == 0 {
+        // Nothing to report and nothing held: the idle path's blocking take is next, not a
+        // look that finds the queue empty over and over.
+        if self.done.is_empty() && (want == 0 || self.ahead.is_empty()) {
             return None;
         }
         let outcomes = std::mem::take(&mut self.done);
