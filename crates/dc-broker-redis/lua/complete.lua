@@ -6,6 +6,9 @@
 --       record (CBOR), "d" (done) or "f" (failed), failure kind (CBOR) or "", message, chunk
 --       count, length, mode ("i" inline in the next argument, "s" the next names a staged
 --       chunk hash, "n" no output), output or staged key.
+-- A result with its output inline goes to the pool inside its results stream notice
+-- (j, a attempts, len, o output); any other outcome is kept in out:<id> and its notice names
+-- only the job.
 -- Returns one 1 (accepted) or 0 (discarded) per outcome. Error DCGONE when the session does not
 -- exist.
 local base = ARGV[1]
@@ -34,28 +37,34 @@ for k = 0, count - 1 do
     end
     answers[k + 1] = 0
   else
-    local out = base .. 'out:' .. jid
-    redis.call('UNLINK', out)
-    if mode == 's' then
-      redis.call('RENAME', output, out)
-      redis.call('PERSIST', out)
-    elseif mode == 'i' then
-      redis.call('HSET', out, 'c0', output)
+    if kind == 'd' and mode == 'i' then
+      -- A small result travels in its notice: nothing else to write, read or delete.
+      redis.call('XADD', base .. 'results', '*', 'j', jid, 'a', s[2], 'len', len, 'o', output)
+    else
+      local out = base .. 'out:' .. jid
+      redis.call('UNLINK', out)
+      if mode == 's' then
+        redis.call('RENAME', output, out)
+        redis.call('PERSIST', out)
+      end
+      redis.call('HSET', out, 'k', kind, 'fk', fkind, 'a', s[2], 'm', message, 'n', n, 'len', len)
+      redis.call('XADD', base .. 'results', '*', 'j', jid)
     end
-    redis.call('HSET', out, 'k', kind, 'fk', fkind, 'a', s[2], 'm', message, 'n', n, 'len', len)
     if kind == 'f' then
       redis.call('RPUSH', base .. 'hist:' .. jid, record)
       redis.call('HSET', job, 'st', 'f')
       failed = failed + 1
     else
-      redis.call('UNLINK', base .. 'hist:' .. jid)
+      if s[2] ~= '1' then
+        -- Earlier attempts ended without a result and left their records.
+        redis.call('UNLINK', base .. 'hist:' .. jid)
+      end
       redis.call('HSET', job, 'st', 'd')
       done = done + 1
     end
     redis.call('UNLINK', base .. 'in:' .. jid)
     redis.call('XACK', base .. 'jobs', 'w', entry)
     redis.call('XDEL', base .. 'jobs', entry)
-    redis.call('XADD', base .. 'results', '*', 'j', jid)
     answers[k + 1] = 1
   end
 end

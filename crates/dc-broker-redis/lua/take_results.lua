@@ -1,6 +1,6 @@
 -- take_results: hand out up to ARGV[2] results, each once (its notice is deleted as it is read).
--- Small outputs come back inline and their keys are deleted here; a large output stays in
--- out:<id> for the client to fetch by chunks and delete.
+-- A small output comes in its notice (complete put it there) or from out:<id>, whose keys are
+-- deleted here; a large output stays in out:<id> for the client to fetch by chunks and delete.
 -- KEYS[1] session meta.
 -- ARGV: 1 session key base, 2 max results, 3 largest output returned inline.
 -- Returns {1, id of the last notice read, {job id, kind, failure kind, attempts, message, chunk
@@ -26,17 +26,20 @@ if #got == 0 then
   return { 0, last }
 end
 local out = { 1, got[#got][1] }
+local ids = {}
 for _, entry in ipairs(got) do
-  redis.call('XDEL', results, entry[1])
-  local jid = false
+  ids[#ids + 1] = entry[1]
+  local f = {}
   if type(entry[2]) == 'table' then
     for i = 1, #entry[2], 2 do
-      if entry[2][i] == 'j' then
-        jid = entry[2][i + 1]
-      end
+      f[entry[2][i]] = entry[2][i + 1]
     end
   end
-  if jid then
+  local jid = f['j'] or false
+  if jid and f['o'] then
+    -- The output came inline in the notice.
+    table.insert(out, { jid, 'd', '', f['a'], '', 1, f['len'], f['o'], {} })
+  elseif jid then
     local key = base .. 'out:' .. jid
     local hist = base .. 'hist:' .. jid
     local h = redis.call('HMGET', key, 'k', 'fk', 'a', 'm', 'n', 'len')
@@ -56,5 +59,8 @@ for _, entry in ipairs(got) do
   else
     table.insert(out, { false })
   end
+end
+for i = 1, #ids, 1000 do
+  redis.call('XDEL', results, unpack(ids, i, math.min(i + 999, #ids)))
 end
 return out
