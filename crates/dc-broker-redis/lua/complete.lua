@@ -30,7 +30,7 @@ for k = 0, count - 1 do
   local record, kind, fkind, message = ARGV[a + 5], ARGV[a + 6], ARGV[a + 7], ARGV[a + 8]
   local n, len, mode, output = ARGV[a + 9], ARGV[a + 10], ARGV[a + 11], ARGV[a + 12]
   local job = base .. 'job:' .. jid
-  local s = redis.call('HMGET', job, 'st', 'att', 'e', 'node')
+  local s = redis.call('HMGET', job, 'st', 'att', 'e', 'node', 'm')
   if not (s[1] == 'l' and s[2] == attempt and s[3] == entry and s[4] == node) then
     if mode == 's' then
       redis.call('UNLINK', output)
@@ -62,7 +62,11 @@ for k = 0, count - 1 do
       redis.call('HSET', job, 'st', 'd')
       done = done + 1
     end
-    redis.call('UNLINK', base .. 'in:' .. jid)
+    if s[5] == 'i' then
+      redis.call('HDEL', job, 'c0')
+    else
+      redis.call('UNLINK', base .. 'in:' .. jid)
+    end
     redis.call('XACK', base .. 'jobs', 'w', entry)
     redis.call('XDEL', base .. 'jobs', entry)
     answers[k + 1] = 1

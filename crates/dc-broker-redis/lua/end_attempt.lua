@@ -38,6 +38,7 @@ if fails >= tonumber(redis.call('HGET', KEYS[1], 'max')) then
   local out = base .. 'out:' .. jid
   redis.call('HSET', job, 'st', 'f')
   redis.call('UNLINK', base .. 'in:' .. jid, out)
+  redis.call('HDEL', job, 'c0')
   redis.call('HSET', out, 'k', 'f', 'fk', ARGV[10], 'a', s[2], 'm', ARGV[9], 'n', 0, 'len', 0)
   redis.call('XADD', base .. 'results', '*', 'j', jid)
   redis.call('HINCRBY', KEYS[1], 'f', 1)

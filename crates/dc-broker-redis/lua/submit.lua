@@ -1,8 +1,8 @@
 -- submit: queue jobs in order; a job id the session already knows is ignored (idempotent).
 -- KEYS[1] session meta.
 -- ARGV: 1 session key base, then per job 6 values: id, update seq, chunk count, length,
---       mode ("i": payload inline in the next value; "s": the next value names a staged
---       chunk hash, renamed to in:<id>), payload or staged key.
+--       mode ("i": payload inline in the next value, kept as field c0 of job:<id>; "s": the
+--       next value names a staged chunk hash, renamed to in:<id>), payload or staged key.
 -- Returns the number of jobs queued. Error DCGONE when the session does not exist.
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return redis.error_reply('DCGONE session is gone')
@@ -18,14 +18,17 @@ for i = 2, #ARGV, 6 do
       redis.call('UNLINK', data)
     end
   else
+    local id = redis.call('XADD', base .. 'jobs', '*', 'j', jid)
     if mode == 's' then
       redis.call('RENAME', data, input)
       redis.call('PERSIST', input)
+      redis.call('HSET', job, 'st', 'q', 'att', 0, 'fails', 0, 'upd', upd, 'n', n, 'len', len,
+        'e', id, 'm', 's')
     else
-      redis.call('HSET', input, 'c0', data)
+      -- A small payload lives in the job's own hash, as its chunk c0.
+      redis.call('HSET', job, 'st', 'q', 'att', 0, 'fails', 0, 'upd', upd, 'n', n, 'len', len,
+        'e', id, 'm', 'i', 'c0', data)
     end
-    local id = redis.call('XADD', base .. 'jobs', '*', 'j', jid)
-    redis.call('HSET', job, 'st', 'q', 'att', 0, 'fails', 0, 'upd', upd, 'n', n, 'len', len, 'e', id)
     added = added + 1
   end
 end

@@ -6,7 +6,7 @@
 --       6 most inline payload bytes in one reply (the first job's payload is always inline
 --       when it is small enough).
 -- Returns {1, log length, then per job: job id, attempt, entry id, update seq, chunk count,
--- length, payload or false when it must be fetched by chunks}, or {0, last generated id of the
+-- length, the hash holding its chunks, payload or false when it must be fetched by chunks}, or {0, last generated id of the
 -- job stream, log length} when nothing is queued. Error DCGONE when the session does not exist.
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return redis.error_reply('DCGONE session is gone')
@@ -38,20 +38,25 @@ while taken < want and drops < 100 do
       end
     end
     local job = jid and (base .. 'job:' .. jid)
-    local s = job and redis.call('HMGET', job, 'st', 'e', 'upd', 'n', 'len')
+    local s = job and redis.call('HMGET', job, 'st', 'e', 'upd', 'n', 'len', 'att', 'm')
     if s and s[1] == 'q' and s[2] == id then
-      local att = redis.call('HINCRBY', job, 'att', 1)
-      redis.call('HSET', job, 'st', 'l', 'node', ARGV[2], 'worker', ARGV[3])
+      local att = tonumber(s[6]) + 1
+      redis.call('HSET', job, 'st', 'l', 'att', att, 'node', ARGV[2], 'worker', ARGV[3])
+      -- Where the payload's chunks are: the job's own hash (small) or in:<id>.
+      local holder = job
+      if s[7] ~= 'i' then
+        holder = base .. 'in:' .. jid
+      end
       local data = false
       local len = tonumber(s[5])
       if tonumber(s[4]) == 1 and len <= inline_max and (taken == 0 or bytes + len <= budget) then
-        data = redis.call('HGET', base .. 'in:' .. jid, 'c0')
+        data = redis.call('HGET', holder, 'c0')
         bytes = bytes + len
       end
       taken = taken + 1
       local n = #out
       out[n + 1], out[n + 2], out[n + 3], out[n + 4] = jid, att, id, s[3]
-      out[n + 5], out[n + 6], out[n + 7] = s[4], s[5], data
+      out[n + 5], out[n + 6], out[n + 7], out[n + 8] = s[4], s[5], holder, data
     else
       -- Stale (the job finished or was re-queued as another entry) or malformed: drop it.
       if not (s and s[1]) then

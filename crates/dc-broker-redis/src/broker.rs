@@ -778,21 +778,32 @@ impl RedisBroker {
         let mut items = items.into_iter().skip(1);
         let log_len: u64 = uint(&items.next().ok_or_else(|| bad("no log length"))?)?;
         let rest: Vec<Value> = items.collect();
-        if rest.is_empty() || rest.len() % 7 != 0 {
+        if rest.is_empty() || rest.len() % 8 != 0 {
             return Err(bad(format!("a take reply of {} fields", rest.len())));
         }
-        let mut jobs = Vec::with_capacity(rest.len() / 7);
+        let mut jobs = Vec::with_capacity(rest.len() / 8);
         let mut fields = rest.into_iter();
         while fields.len() > 0 {
             let mut next = || fields.next().unwrap_or(Value::Nil);
-            let (job, attempt, entry, upd, n, len, data) =
-                (next(), next(), next(), next(), next(), next(), next());
+            let (job, attempt, entry, upd, n, len, holder, data) = (
+                next(),
+                next(),
+                next(),
+                next(),
+                next(),
+                next(),
+                next(),
+                next(),
+            );
             let job = parse_job_id(job)?;
             let payload = match opt_bytes(data)? {
                 Some(data) => Bytes::from(data),
                 None => {
-                    self.fetch(&format!("{base}in:{job}"), uint(&n)?, uint(&len)?)
-                        .await?
+                    let holder = string(holder)?;
+                    if !holder.starts_with(&base) {
+                        return Err(bad(format!("job#{job}'s payload is in a foreign key")));
+                    }
+                    self.fetch(&holder, uint(&n)?, uint(&len)?).await?
                 }
             };
             jobs.push(LeasedJob {

@@ -358,13 +358,14 @@ async fn garbage_in_redis_is_an_error_not_a_panic() {
         .expect("the real job");
     assert_eq!(job.lease.job, JobId(5));
 
-    // A job's payload chunk deleted behind the broker's back.
+    // A job's payload chunks (a payload too large to travel inline) overwritten behind the
+    // broker's back.
     broker
         .submit(
             &s,
             vec![NewJob {
                 id: JobId(6),
-                payload: Bytes::from_static(b"lost"),
+                payload: Bytes::from(vec![7u8; 300 << 10]),
                 update_seq: 0,
             }],
         )
@@ -382,6 +383,32 @@ async fn garbage_in_redis_is_an_error_not_a_panic() {
         )
         .await
         .expect_err("a payload of the wrong type");
+    assert!(matches!(err, BrokerError::Protocol(_)), "got {err:?}");
+
+    // A job's own record (which holds a small payload) overwritten.
+    broker
+        .submit(
+            &s,
+            vec![NewJob {
+                id: JobId(7),
+                payload: Bytes::from_static(b"small"),
+                update_seq: 0,
+            }],
+        )
+        .await
+        .expect("submit");
+    run(redis::cmd("SET")
+        .arg(format!("{base}job:7"))
+        .arg("not a hash"));
+    let err = broker
+        .take_job(
+            &s,
+            &NodeId("n".into()),
+            &WorkerId("n/0".into()),
+            Duration::from_millis(200),
+        )
+        .await
+        .expect_err("a job record of the wrong type");
     assert!(matches!(err, BrokerError::Protocol(_)), "got {err:?}");
 }
 
