@@ -15,7 +15,8 @@ use common::cluster::{
     PASSWORD, ROLE, free_port, node_of, pool, start_head, start_worker_node, wait_workers,
 };
 use common::{Probe, ProbeInit, ProbeJob, TestResult, Unregistered, eventually};
-use distributed_computing::{Pool, PoolError};
+use distributed_computing::broker::AttemptEnd;
+use distributed_computing::{JobFailure, Pool, PoolError};
 use futures::StreamExt;
 
 fn main() -> ExitCode {
@@ -34,6 +35,7 @@ fn main() -> ExitCode {
         payloads_of_600_mib_round_trip_intact,
         fake_gpus_on_a_remote_node_give_distinct_devices,
         status_json_shows_the_cluster_and_second_start_is_peaceful,
+        tiny_jobs_in_batches_each_once_in_order_and_only_a_poison_job_is_charged,
     ];
     libtest_mimic::run(&args, tests).exit_code()
 }
@@ -391,5 +393,86 @@ async fn status_json_shows_the_cluster_and_second_start_is_peaceful() -> TestRes
         "the second start disturbed the cluster"
     );
     pool.close().await?;
+    Ok(())
+}
+
+/// Automatic batching at work: thousands of tiny jobs (taken several per round trip, sent to
+/// workers one behind the other) come back each once and in order; a job that kills its worker
+/// is charged its own three attempts while the jobs taken with it run again uncharged; jobs
+/// submitted after an update run on workers that applied it.
+async fn tiny_jobs_in_batches_each_once_in_order_and_only_a_poison_job_is_charged() -> TestResult
+{
+    let (_head, port) = start_head(2).await?;
+    let pool = pool(port, "tiny").await?;
+    check!(wait_workers(&pool, 2, 1).await, "expected 2 workers");
+    let dir = std::env::temp_dir().join(format!("dc-tiny-{}-{}", std::process::id(), port));
+    std::fs::create_dir_all(&dir)?;
+    let (poison, once) = (1500usize, [700usize, 2900]);
+    let jobs = (0..4000).map(|i| match i {
+        i if i == poison => ProbeJob::Abort,
+        i if once.contains(&i) => ProbeJob::AbortOnce(dir.join(format!("once-{i}")), i as i64),
+        i => ProbeJob::Echo(i as i64),
+    });
+    let mut stream = pool.imap_unordered(jobs);
+    let mut seen = HashSet::new();
+    let mut failures = Vec::new();
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok((i, out)) => {
+                check!(out.value == i as i64, "job {i} returned {}", out.value);
+                check!(seen.insert(i), "job {i} delivered twice");
+            }
+            Err(e) => failures.push(e),
+        }
+    }
+    check!(
+        seen.len() == 3999 && !seen.contains(&poison),
+        "{} healthy jobs delivered, expected 3999",
+        seen.len()
+    );
+    match &failures[..] {
+        [
+            PoolError::Job {
+                index,
+                kind: JobFailure::Exhausted,
+                attempts: 3,
+                history,
+                ..
+            },
+        ] if *index == poison => {
+            check!(history.len() == 3, "history {history:?}");
+            for record in history {
+                check!(
+                    matches!(&record.end, AttemptEnd::ProcessDied { how, .. } if how.contains("signal 6")),
+                    "the poison job's attempt {} ended {:?}: another job's death was charged to it",
+                    record.attempt,
+                    record.end
+                );
+            }
+        }
+        other => return Err(format!("expected only job {poison} to fail, got {other:?}").into()),
+    }
+
+    // Ordered results, and an update between two batches of tiny jobs.
+    let before = pool.map((0..3000).map(ProbeJob::Echo)).await?;
+    check!(
+        before.iter().map(|o| o.value).eq(0..3000),
+        "map lost the order"
+    );
+    pool.update_workers(7).await?;
+    let after = pool.map((0..3000).map(ProbeJob::Echo)).await?;
+    check!(
+        after.iter().map(|o| o.value).eq(0..3000),
+        "map lost the order"
+    );
+    let stale: Vec<&common::ProbeOut> = after.iter().filter(|o| o.updates != [7]).collect();
+    check!(
+        stale.is_empty(),
+        "{} jobs submitted after the update ran without it, e.g. {:?}",
+        stale.len(),
+        stale.first()
+    );
+    pool.close().await?;
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

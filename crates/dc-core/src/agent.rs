@@ -839,9 +839,15 @@ async fn serve_flow<'a>(
     let broker = shared.broker.as_ref();
     let mut applied: UpdateSeq = 0;
     let mut failures = 0u32;
+    // A job already sent to the worker behind the one it runs (pipelined tiny jobs). Its lease
+    // stays in `shared.leases` until it is answered, so a slot that ends with it unanswered
+    // hands it back (`release_slot_leases`).
+    let mut sent: Option<LeasedJob> = None;
     loop {
-        // Catch up with every update this node knows of before the next job.
-        if log.known() > applied
+        // Catch up with every update this node knows of before the next job (never while a job
+        // is in the worker's pipe: its answer comes first).
+        if sent.is_none()
+            && log.known() > applied
             && let Err(end) = apply_updates(proc, log, &mut applied).await
         {
             tracing::warn!(worker = %worker_id, "worker died while applying updates: {end}");
@@ -851,7 +857,8 @@ async fn serve_flow<'a>(
         if inflight.is_none() {
             *inflight = flow.start();
         }
-        let Some(job) = flow.ahead.pop_front() else {
+        let was_sent = sent.is_some();
+        let Some(job) = sent.take().or_else(|| flow.ahead.pop_front()) else {
             if let Some(ex) = inflight.take() {
                 // Nothing to run until the exchange in flight answers: report and take in one
                 // round trip.
@@ -914,9 +921,31 @@ async fn serve_flow<'a>(
         };
         shared.set_state(slot, Some(&info.id), WorkerState::Busy);
         let started = tokio::time::Instant::now();
+        // Tiny jobs: send the next one along, unless an update is due first (this job's
+        // updates are applied before it runs; any later one waits for the pipe to drain).
+        let updated = applied.max(job.update_seq.max(job.log_len));
+        let next = match flow.ahead.front() {
+            Some(n)
+                if flow.pace.depth(info.spec.auto_batching) > 0
+                    && log.known() <= updated
+                    && n.update_seq.max(n.log_len) <= updated =>
+            {
+                flow.ahead.pop_front()
+            }
+            _ => None,
+        };
         // Run the job; meanwhile the exchange in flight (if any) reports and takes ahead.
         let step = {
-            let run = run_one(shared, proc, log, &mut applied, &job, cancel);
+            let run = run_one(
+                shared,
+                proc,
+                log,
+                &mut applied,
+                &job,
+                was_sent,
+                next.as_ref(),
+                cancel,
+            );
             tokio::pin!(run);
             loop {
                 let Some(ex) = inflight.as_mut() else {
@@ -935,6 +964,7 @@ async fn serve_flow<'a>(
                 }
             }
         };
+        sent = next;
         match step {
             JobStep::Done(outcome) => {
                 Pace::note(&mut flow.pace.job_us, started.elapsed());
@@ -950,7 +980,7 @@ async fn serve_flow<'a>(
                 return SlotExit::Restart;
             }
         }
-        if flow.ahead.is_empty() && inflight.is_none() {
+        if sent.is_none() && flow.ahead.is_empty() && inflight.is_none() {
             shared.set_state(slot, Some(&info.id), WorkerState::Idle);
         }
     }
@@ -971,19 +1001,28 @@ async fn run_one(
     log: &UpdateLog,
     applied: &mut UpdateSeq,
     job: &LeasedJob,
+    sent: bool,
+    next: Option<&LeasedJob>,
     cancel: &mut watch::Receiver<bool>,
 ) -> JobStep {
     let broker = shared.broker.as_ref();
     let lease = &job.lease;
     let need = job.update_seq.max(job.log_len);
     let run = async {
-        if need > *applied {
-            if let Err(e) = log.fetch(broker, Some(need)).await {
-                tracing::warn!(job = %lease.job, error = %e, "cannot read the update log");
+        if !sent {
+            if need > *applied {
+                if let Err(e) = log.fetch(broker, Some(need)).await {
+                    tracing::warn!(job = %lease.job, error = %e, "cannot read the update log");
+                }
+                apply_updates(proc, log, applied).await?;
             }
-            apply_updates(proc, log, applied).await?;
+            proc.send_job(job).await?;
         }
-        proc.run_job(job).await
+        if let Some(next) = next {
+            // Pipelined: the worker finds the next job waiting when it answers this one.
+            proc.send_job(next).await?;
+        }
+        proc.job_reply(job.lease.job.0).await
     };
     let reply = tokio::select! {
         biased;
@@ -1277,14 +1316,17 @@ impl WorkerProc {
         }
     }
 
-    async fn run_job(&mut self, job: &LeasedJob) -> Result<JobReply, AttemptEnd> {
-        let id = job.lease.job.0;
+    async fn send_job(&mut self, job: &LeasedJob) -> Result<(), AttemptEnd> {
         self.send(&ToWorker::Job {
-            job_id: id,
+            job_id: job.lease.job.0,
             attempt: job.lease.attempt,
             payload: protocol::Payload::borrowed(&job.payload),
         })
-        .await?;
+        .await
+    }
+
+    /// The reply to job `id`, the oldest job sent and not yet answered.
+    async fn job_reply(&mut self, id: u64) -> Result<JobReply, AttemptEnd> {
         match self.next().await? {
             FromWorker::Result { job_id, payload } if job_id == id => {
                 Ok(JobReply::Output(Bytes::from(payload)))
