@@ -838,7 +838,14 @@ impl RedisBroker {
                     too_large(output.len())?;
                     let blob = self.put(&base, output).await?;
                     let len = output.len();
-                    ("d", Vec::new(), String::new(), AttemptEnd::Completed, blob, len)
+                    (
+                        "d",
+                        Vec::new(),
+                        String::new(),
+                        AttemptEnd::Completed,
+                        blob,
+                        len,
+                    )
                 }
                 Err((kind, end)) => {
                     let message = match end {
@@ -1391,9 +1398,7 @@ impl Broker for RedisBroker {
         lease: &Lease,
         outcome: Result<Bytes, (JobFailure, AttemptEnd)>,
     ) -> Result<Completion, BrokerError> {
-        let answers = self
-            .complete_many(vec![(lease.clone(), outcome)])
-            .await?;
+        let answers = self.complete_many(vec![(lease.clone(), outcome)]).await?;
         answers
             .into_iter()
             .next()

@@ -726,7 +726,9 @@ pub async fn complete_many_records_each_outcome(broker: Arc<dyn Broker>) {
         .await
         .expect("abandon");
     assert_eq!(requeued, Abandoned::Requeued);
-    let again = take(broker.as_ref(), &s.id, "m").await.expect("job 3 again");
+    let again = take(broker.as_ref(), &s.id, "m")
+        .await
+        .expect("job 3 again");
     assert_eq!(again.lease.job, JobId(3));
     let batch = vec![
         (leased[0].lease.clone(), Ok(Bytes::from_static(b"zero"))),
@@ -757,7 +759,9 @@ pub async fn complete_many_records_each_outcome(broker: Arc<dyn Broker>) {
         outcomes[0].1,
         &JobOutcome::Done(Bytes::from_static(b"zero"))
     );
-    assert!(matches!(outcomes[1].1, JobOutcome::Failed { kind: JobFailure::Worker, message, .. } if message == "no"));
+    assert!(
+        matches!(outcomes[1].1, JobOutcome::Failed { kind: JobFailure::Worker, message, .. } if message == "no")
+    );
     assert_eq!(outcomes[2].1, &JobOutcome::Done(Bytes::from_static(b"two")));
     assert_eq!(
         outcomes[3].1,
