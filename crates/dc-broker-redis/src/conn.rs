@@ -15,8 +15,11 @@ const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
 pub(crate) const BULK_TIMEOUT: Duration = Duration::from_secs(120);
 /// Added to a blocking read's wait for its response timeout.
 const BLOCK_SLACK: Duration = Duration::from_secs(5);
-/// Dedicated connections kept per free-list; more are closed when handed back.
-const FREE_LIST_MAX: usize = 16;
+/// Dedicated connections kept per free-list; more are closed when handed back. Every idle
+/// worker slot of a node blocks on a connection of its own, so a node keeps about one per slot:
+/// closing them after each wait made a 1,000-slot node reconnect (TCP, `AUTH`, `HELLO`) on
+/// nearly every idle moment, which cost a quarter of its throughput (`dc-cli bench` W6).
+const FREE_LIST_MAX: usize = 1024;
 
 /// Every connection this broker opens.
 pub(crate) struct Conns {
