@@ -886,7 +886,10 @@ async fn serve_flow<'a>(
                 // An idle worker says nothing; a frame or a closed channel means it broke or died.
                 frame = proc.frames.recv() => {
                     let what = match frame {
-                        Some(Ok(msg)) => format!("sent {} unprompted", describe(&msg)),
+                        Some(Ok(Incoming::Msg(msg))) => format!("sent {} unprompted", describe(&msg)),
+                        Some(Ok(Incoming::Output { job_id, .. })) => {
+                            format!("sent a Result for job {job_id} unprompted")
+                        }
                         Some(Err(e)) => e.to_string(),
                         None => "closed its channel".into(),
                     };
@@ -1109,6 +1112,25 @@ async fn report_update_errors(
     }
 }
 
+/// A frame from a worker as the agent takes it in.
+#[derive(Debug)]
+enum Incoming {
+    /// A job's output, sliced out of the frame as read (64 MiB results are not copied again).
+    Output { job_id: u64, payload: Bytes },
+    /// Any other message (or a `Result` in a layout this crate does not write).
+    Msg(FromWorker),
+}
+
+fn incoming(body: Vec<u8>) -> Result<Incoming, FrameError> {
+    match protocol::split_result(&body) {
+        Some((job_id, at)) => Ok(Incoming::Output {
+            job_id,
+            payload: Bytes::from(body).slice(at..),
+        }),
+        None => protocol::decode_body(&body).map(Incoming::Msg),
+    }
+}
+
 enum StartError {
     UnknownKind(Vec<String>),
     Init(String),
@@ -1125,7 +1147,7 @@ struct WorkerProc {
     pid: u32,
     label: String,
     writer: OwnedWriteHalf,
-    frames: mpsc::Receiver<Result<FromWorker, FrameError>>,
+    frames: mpsc::Receiver<Result<Incoming, FrameError>>,
     tail: Arc<Mutex<VecDeque<String>>>,
     /// Updates this worker refused, not yet reported to the pool.
     update_errors: Vec<(UpdateSeq, String)>,
@@ -1178,7 +1200,7 @@ impl WorkerProc {
                 let (tx, frames) = mpsc::channel(4);
                 tokio::spawn(async move {
                     loop {
-                        let frame = protocol::read_frame::<FromWorker>(&mut read).await;
+                        let frame = protocol::read_body(&mut read).await.and_then(incoming);
                         let end = frame.is_err();
                         if tx.send(frame).await.is_err() || end {
                             return;
@@ -1274,6 +1296,17 @@ impl WorkerProc {
 
     /// The next frame, or how the worker broke.
     async fn next(&mut self) -> Result<FromWorker, AttemptEnd> {
+        Ok(match self.next_incoming().await? {
+            Incoming::Msg(msg) => msg,
+            Incoming::Output { job_id, payload } => FromWorker::Result {
+                job_id,
+                payload: payload.to_vec(),
+            },
+        })
+    }
+
+    /// The next frame, a job's output kept as the bytes read (no copy), or how the worker broke.
+    async fn next_incoming(&mut self) -> Result<Incoming, AttemptEnd> {
         match self.frames.recv().await {
             Some(Ok(msg)) => Ok(msg),
             Some(Err(FrameError::Closed)) | None => Err(self.death().await),
@@ -1316,18 +1349,42 @@ impl WorkerProc {
         }
     }
 
+    /// Send a job: the frame's head, then the payload as it is (no copy into a frame buffer).
     async fn send_job(&mut self, job: &LeasedJob) -> Result<(), AttemptEnd> {
-        self.send(&ToWorker::Job {
+        use tokio::io::AsyncWriteExt;
+        let msg = ToWorker::Job {
             job_id: job.lease.job.0,
             attempt: job.lease.attempt,
-            payload: protocol::Payload::borrowed(&job.payload),
-        })
-        .await
+            payload: protocol::Payload::borrowed(&[]),
+        };
+        let head = match protocol::encode_frame_head(&msg, job.payload.len()) {
+            Ok(head) => head,
+            Err(e) => return Err(AttemptEnd::Protocol(e.to_string())),
+        };
+        let sent = async {
+            self.writer.write_all(&head).await?;
+            self.writer.write_all(&job.payload).await?;
+            self.writer.flush().await
+        };
+        match sent.await {
+            Ok(()) => Ok(()),
+            Err(_) => Err(self.death().await),
+        }
     }
 
     /// The reply to job `id`, the oldest job sent and not yet answered.
     async fn job_reply(&mut self, id: u64) -> Result<JobReply, AttemptEnd> {
-        match self.next().await? {
+        let msg = match self.next_incoming().await? {
+            Incoming::Output { job_id, payload } if job_id == id => {
+                return Ok(JobReply::Output(payload));
+            }
+            Incoming::Output { job_id, payload } => FromWorker::Result {
+                job_id,
+                payload: payload.to_vec(),
+            },
+            Incoming::Msg(msg) => msg,
+        };
+        match msg {
             FromWorker::Result { job_id, payload } if job_id == id => {
                 Ok(JobReply::Output(Bytes::from(payload)))
             }

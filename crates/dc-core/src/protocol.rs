@@ -180,7 +180,134 @@ pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
     Ok(buf)
 }
 
-fn decode_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, FrameError> {
+/// Encode a message whose last field is an empty byte string as the head of a frame whose last
+/// field is `len` bytes long: the length prefix and the CBOR up to and including the byte
+/// string's header. Writing the head, then the bytes themselves, sends the same frame as
+/// [`encode_frame`] of the full message without copying the bytes into it (64 MiB job
+/// payloads and results go to and from workers this way).
+///
+/// # Errors
+/// When the message does not serialise, does not end with an empty byte string, or the frame
+/// would exceed [`MAX_FRAME`].
+pub fn encode_frame_head<T: Serialize>(msg: &T, len: usize) -> Result<Vec<u8>, FrameError> {
+    let mut buf = vec![0u8; 4];
+    ciborium::into_writer(msg, &mut buf).map_err(|e| FrameError::Decode(e.to_string()))?;
+    if buf.pop() != Some(0x40) {
+        return Err(FrameError::Decode(
+            "a frame head needs a message ending with an empty byte string".into(),
+        ));
+    }
+    write_head(&mut buf, 2, len as u64);
+    let total = buf.len() - 4 + len;
+    if total > MAX_FRAME {
+        return Err(FrameError::TooLarge(total));
+    }
+    buf[..4].copy_from_slice(&(total as u32).to_be_bytes());
+    Ok(buf)
+}
+
+/// A CBOR item header: major type and argument, shortest form (as ciborium writes it).
+fn write_head(buf: &mut Vec<u8>, major: u8, arg: u64) {
+    let m = major << 5;
+    match arg {
+        0..=23 => buf.push(m | arg as u8),
+        24..=0xff => buf.extend_from_slice(&[m | 24, arg as u8]),
+        0x100..=0xffff => {
+            buf.push(m | 25);
+            buf.extend_from_slice(&(arg as u16).to_be_bytes());
+        }
+        0x1_0000..=0xffff_ffff => {
+            buf.push(m | 26);
+            buf.extend_from_slice(&(arg as u32).to_be_bytes());
+        }
+        _ => {
+            buf.push(m | 27);
+            buf.extend_from_slice(&arg.to_be_bytes());
+        }
+    }
+}
+
+/// Reads the few CBOR items of a `Job` or `Result` frame in place.
+struct Items<'a> {
+    body: &'a [u8],
+    at: usize,
+}
+
+impl Items<'_> {
+    fn head(&mut self) -> Option<(u8, u64)> {
+        let first = *self.body.get(self.at)?;
+        let size = match first & 31 {
+            n @ 0..=23 => {
+                self.at += 1;
+                return Some((first >> 5, u64::from(n)));
+            }
+            24 => 1,
+            25 => 2,
+            26 => 4,
+            27 => 8,
+            _ => return None,
+        };
+        let bytes = self.body.get(self.at + 1..self.at + 1 + size)?;
+        self.at += 1 + size;
+        Some((
+            first >> 5,
+            bytes.iter().fold(0u64, |v, b| (v << 8) | u64::from(*b)),
+        ))
+    }
+
+    fn text(&mut self, want: &str) -> Option<()> {
+        let (3, len) = self.head()? else { return None };
+        let end = self.at.checked_add(usize::try_from(len).ok()?)?;
+        (self.body.get(self.at..end)? == want.as_bytes()).then(|| self.at = end)
+    }
+}
+
+/// Where the byte string ends a message `{variant: {fields…}}` whose fields are unsigned
+/// integers but the last, a byte string running to the end of `body`: the integers, and the
+/// offset of the bytes. `None` for any other layout (then decode the body in full).
+fn trailing_bytes<const N: usize>(
+    body: &[u8],
+    variant: &str,
+    fields: [&str; N],
+    last: &str,
+) -> Option<([u64; N], usize)> {
+    let mut items = Items { body, at: 0 };
+    if items.head()? != (5, 1) {
+        return None;
+    }
+    items.text(variant)?;
+    if items.head()? != (5, N as u64 + 1) {
+        return None;
+    }
+    let mut values = [0u64; N];
+    for (value, name) in values.iter_mut().zip(fields) {
+        items.text(name)?;
+        let (0, v) = items.head()? else { return None };
+        *value = v;
+    }
+    items.text(last)?;
+    let (2, len) = items.head()? else { return None };
+    (u64::try_from(body.len() - items.at).ok()? == len).then_some((values, items.at))
+}
+
+/// A `Job` frame body as [`encode_frame_head`] writes it: job id, attempt, and the offset of
+/// the payload, which runs to the end of the body. `None` when the body is something else.
+pub fn split_job(body: &[u8]) -> Option<(u64, u64, usize)> {
+    trailing_bytes(body, "Job", ["job_id", "attempt"], "payload")
+        .map(|([id, att], at)| (id, att, at))
+}
+
+/// A `Result` frame body: job id and the offset of the output, which runs to the end of the
+/// body. `None` when the body is something else (a worker may order its fields otherwise).
+pub fn split_result(body: &[u8]) -> Option<(u64, usize)> {
+    trailing_bytes(body, "Result", ["job_id"], "payload").map(|([id], at)| (id, at))
+}
+
+/// Decode a frame body.
+///
+/// # Errors
+/// [`FrameError::Decode`] when it is not a valid message.
+pub fn decode_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, FrameError> {
     ciborium::from_reader(body).map_err(|e| FrameError::Decode(e.to_string()))
 }
 
@@ -199,6 +326,14 @@ fn checked_len(prefix: [u8; 4]) -> Result<usize, FrameError> {
 pub fn read_frame_blocking<T: for<'de> Deserialize<'de>>(
     r: &mut impl Read,
 ) -> Result<T, FrameError> {
+    decode_body(&read_body_blocking(r)?)
+}
+
+/// Read one frame's body, undecoded, blocking (the worker side).
+///
+/// # Errors
+/// [`FrameError::Closed`] at a clean end of the channel; the other variants for garbage.
+pub fn read_body_blocking(r: &mut impl Read) -> Result<Vec<u8>, FrameError> {
     let mut prefix = [0u8; 4];
     match r.read_exact(&mut prefix) {
         Ok(()) => {}
@@ -207,7 +342,7 @@ pub fn read_frame_blocking<T: for<'de> Deserialize<'de>>(
     }
     let mut body = vec![0u8; checked_len(prefix)?];
     r.read_exact(&mut body)?;
-    decode_body(&body)
+    Ok(body)
 }
 
 /// Write one frame, blocking (the worker side).
@@ -227,6 +362,14 @@ pub fn write_frame_blocking<T: Serialize>(w: &mut impl Write, msg: &T) -> Result
 pub async fn read_frame<T: for<'de> Deserialize<'de>>(
     r: &mut (impl AsyncRead + Unpin),
 ) -> Result<T, FrameError> {
+    decode_body(&read_body(r).await?)
+}
+
+/// Read one frame's body, undecoded (the agent side).
+///
+/// # Errors
+/// [`FrameError::Closed`] at a clean end of the channel; the other variants for garbage.
+pub async fn read_body(r: &mut (impl AsyncRead + Unpin)) -> Result<Vec<u8>, FrameError> {
     let mut prefix = [0u8; 4];
     match r.read_exact(&mut prefix).await {
         Ok(_) => {}
@@ -235,7 +378,7 @@ pub async fn read_frame<T: for<'de> Deserialize<'de>>(
     }
     let mut body = vec![0u8; checked_len(prefix)?];
     r.read_exact(&mut body).await?;
-    decode_body(&body)
+    Ok(body)
 }
 
 /// Write one frame (the agent side).
@@ -269,6 +412,98 @@ mod tests {
         );
         let back: ToWorker<'static> = read_frame_blocking(&mut &frame[..]).expect("decode");
         assert_eq!(back, msg);
+    }
+
+    #[test]
+    fn frame_heads_plus_bytes_are_the_whole_frames() {
+        for len in [0usize, 1, 23, 24, 255, 256, 65_535, 65_536, 1 << 20] {
+            let payload = vec![0x5Au8; len];
+            for (job_id, attempt) in [(0u64, 1u32), (23, 24), (1 << 40, u32::MAX)] {
+                let whole = encode_frame(&ToWorker::Job {
+                    job_id,
+                    attempt,
+                    payload: Payload::borrowed(&payload),
+                })
+                .expect("encode");
+                let mut split = encode_frame_head(
+                    &ToWorker::Job {
+                        job_id,
+                        attempt,
+                        payload: Payload::borrowed(&[]),
+                    },
+                    len,
+                )
+                .expect("head");
+                split.extend_from_slice(&payload);
+                assert_eq!(split, whole, "Job of {len} bytes");
+                let (id, att, at) = split_job(&whole[4..]).expect("a Job");
+                assert_eq!((id, att), (job_id, u64::from(attempt)));
+                assert_eq!(&whole[4 + at..], &payload[..]);
+
+                let whole = encode_frame(&FromWorker::Result {
+                    job_id,
+                    payload: payload.clone(),
+                })
+                .expect("encode");
+                let mut split = encode_frame_head(
+                    &FromWorker::Result {
+                        job_id,
+                        payload: Vec::new(),
+                    },
+                    len,
+                )
+                .expect("head");
+                split.extend_from_slice(&payload);
+                assert_eq!(split, whole, "Result of {len} bytes");
+                let (id, at) = split_result(&whole[4..]).expect("a Result");
+                assert_eq!(id, job_id);
+                assert_eq!(&whole[4 + at..], &payload[..]);
+            }
+        }
+    }
+
+    #[test]
+    fn other_layouts_are_not_split() {
+        let update = encode_frame(&ToWorker::Update {
+            seq: 1,
+            payload: Payload::borrowed(b"x"),
+        })
+        .expect("encode");
+        assert_eq!(split_job(&update[4..]), None);
+        assert_eq!(split_result(&update[4..]), None);
+        let error = encode_frame(&FromWorker::JobError {
+            job_id: 1,
+            message: "no".into(),
+            undecodable: false,
+        })
+        .expect("encode");
+        assert_eq!(split_result(&error[4..]), None);
+        // A Result whose fields come in another order (another language's encoder), cut short,
+        // or with bytes after the payload: decoded in full, not split.
+        let swapped: Vec<u8> = [
+            &[0xa1, 0x66][..],
+            b"Result",
+            &[0xa2, 0x67],
+            b"payload",
+            &[0x41, 0x07, 0x66],
+            b"job_id",
+            &[0x01],
+        ]
+        .concat();
+        assert_eq!(split_result(&swapped), None);
+        let whole = encode_frame(&FromWorker::Result {
+            job_id: 3,
+            payload: vec![1, 2, 3],
+        })
+        .expect("encode");
+        assert_eq!(split_result(&whole[4..whole.len() - 1]), None);
+        let mut longer = whole[4..].to_vec();
+        longer.push(0);
+        assert_eq!(split_result(&longer), None);
+        for cut in 0..whole.len() - 4 {
+            let _ = split_result(&whole[4..4 + cut]);
+            let _ = split_job(&whole[4..4 + cut]);
+        }
     }
 
     #[test]

@@ -180,33 +180,16 @@ impl Registry {
             }
         };
         loop {
-            match protocol::read_frame_blocking::<ToWorker<'static>>(reader)? {
+            let body = protocol::read_body_blocking(reader)?;
+            // A job runs on its payload where it lies in the frame (no copy of a 64 MiB input).
+            if let Some((job_id, _, at)) = protocol::split_job(&body) {
+                run_job(worker.as_mut(), writer, job_id, &body[at..])?;
+                continue;
+            }
+            match protocol::decode_body::<ToWorker<'static>>(&body)? {
                 ToWorker::Job {
                     job_id, payload, ..
-                } => {
-                    let reply = match catch_unwind(AssertUnwindSafe(|| worker.run(&payload))) {
-                        Ok(Ok(output)) => FromWorker::Result {
-                            job_id,
-                            payload: output,
-                        },
-                        Ok(Err(JobFail {
-                            message,
-                            undecodable,
-                        })) => FromWorker::JobError {
-                            job_id,
-                            message,
-                            undecodable,
-                        },
-                        // A panic is the job's failure, like an exception in Python: the
-                        // worker stays up for the next job.
-                        Err(panic) => FromWorker::JobError {
-                            job_id,
-                            message: format!("worker panicked: {}", panic_message(&panic)),
-                            undecodable: false,
-                        },
-                    };
-                    protocol::write_frame_blocking(writer, &reply)?;
-                }
+                } => run_job(worker.as_mut(), writer, job_id, &payload)?,
                 ToWorker::Update { seq, payload } => {
                     let reply = match guarded(|| worker.update(&payload)) {
                         Ok(()) => FromWorker::UpdateApplied { seq },
@@ -221,6 +204,46 @@ impl Registry {
             }
         }
     }
+}
+
+/// Run one job and answer it: an output goes as a frame head followed by the output itself (no
+/// copy into a frame buffer); an error or a panic as a `JobError` (a panic is the job's failure,
+/// like an exception in Python: the worker stays up for the next job).
+fn run_job(
+    worker: &mut dyn ErasedWorker,
+    writer: &mut impl std::io::Write,
+    job_id: u64,
+    payload: &[u8],
+) -> Result<(), FrameError> {
+    let reply = match catch_unwind(AssertUnwindSafe(|| worker.run(payload))) {
+        Ok(Ok(output)) => {
+            let head = protocol::encode_frame_head(
+                &FromWorker::Result {
+                    job_id,
+                    payload: Vec::new(),
+                },
+                output.len(),
+            )?;
+            writer.write_all(&head)?;
+            writer.write_all(&output)?;
+            writer.flush()?;
+            return Ok(());
+        }
+        Ok(Err(JobFail {
+            message,
+            undecodable,
+        })) => FromWorker::JobError {
+            job_id,
+            message,
+            undecodable,
+        },
+        Err(panic) => FromWorker::JobError {
+            job_id,
+            message: format!("worker panicked: {}", panic_message(&panic)),
+            undecodable: false,
+        },
+    };
+    protocol::write_frame_blocking(writer, &reply)
 }
 
 fn variant_name(msg: &ToWorker<'_>) -> &'static str {
