@@ -1310,7 +1310,16 @@ impl WorkerProc {
         match self.frames.recv().await {
             Some(Ok(msg)) => Ok(msg),
             Some(Err(FrameError::Closed)) | None => Err(self.death().await),
-            Some(Err(FrameError::Io(e))) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            // A worker that dies with bytes unread (a job sent behind the one it ran) resets
+            // the channel instead of closing it: a death all the same.
+            Some(Err(FrameError::Io(e)))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::UnexpectedEof
+                        | std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::BrokenPipe
+                ) =>
+            {
                 Err(self.death().await)
             }
             Some(Err(e)) => {
