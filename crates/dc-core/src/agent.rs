@@ -646,6 +646,8 @@ const AHEAD_MIN_RATIO: f64 = 0.05;
 struct Pace {
     job_us: Option<f64>,
     io_us: Option<f64>,
+    /// Moving average of payload sizes, in bytes.
+    payload: Option<f64>,
 }
 
 impl Pace {
@@ -736,16 +738,21 @@ impl<'a> Flow<'a> {
         self.ahead.iter().map(|j| j.payload.len()).sum()
     }
 
-    /// Jobs to take now, given what is held ahead.
+    /// Jobs to take now, given what is held ahead: up to the depth, and no more payload bytes
+    /// (at the jobs' average size) than `AHEAD_BYTES`.
     fn want(&self) -> usize {
         let depth = self.pace.depth(self.info.spec.auto_batching);
+        let fit = match self.pace.payload {
+            Some(avg) if avg >= 1.0 => ((AHEAD_BYTES as f64 / avg) as usize).max(1),
+            _ => MAX_AHEAD,
+        };
         if self.ahead.is_empty() {
-            return depth.max(1);
+            return depth.min(fit).max(1);
         }
         if depth == 0 || self.ahead.len() > depth / 2 || self.ahead_bytes() >= AHEAD_BYTES {
             return 0;
         }
-        depth - self.ahead.len()
+        (depth - self.ahead.len()).min(fit)
     }
 
     /// Start a background exchange if one is due: outcomes to report, or jobs to top up.
@@ -787,6 +794,11 @@ impl<'a> Flow<'a> {
     fn hold(&mut self, jobs: Vec<LeasedJob>) {
         let mut leases = lock(&self.shared.leases);
         for job in jobs {
+            let size = job.payload.len() as f64;
+            self.pace.payload = Some(match self.pace.payload {
+                Some(avg) => 0.8 * avg + 0.2 * size,
+                None => size,
+            });
             leases.insert((self.slot, job.lease.job), job.lease.clone());
             self.ahead.push_back(job);
         }
