@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use dc_core::broker::{
     Abandoned, AttemptEnd, AttemptRecord, Completion, JobId, JobOutcome, JobResult, Lease,
-    LeasedJob, NewJob, NodeId, NodeProblem, NodeSeen, NodeStatus, SessionId, SessionInfo,
+    LeasedJob, NewJob, NodeId, NodeProblem, NodeSeen, NodeStatus, Outcome, SessionId, SessionInfo,
     SessionSpec, SessionState, SessionStats, UpdateSeq, WorkerId,
 };
 use dc_core::{Broker, BrokerError, JobFailure};
@@ -828,7 +828,7 @@ impl RedisBroker {
     async fn complete_batch(
         &self,
         session: &SessionId,
-        batch: &[(Lease, Result<Bytes, (JobFailure, AttemptEnd)>)],
+        batch: &[(Lease, Outcome)],
     ) -> Result<Vec<Completion>, BrokerError> {
         let base = self.keys().base(session);
         let mut args = Vec::with_capacity(batch.len());
@@ -1393,11 +1393,7 @@ impl Broker for RedisBroker {
         }
     }
 
-    async fn complete(
-        &self,
-        lease: &Lease,
-        outcome: Result<Bytes, (JobFailure, AttemptEnd)>,
-    ) -> Result<Completion, BrokerError> {
+    async fn complete(&self, lease: &Lease, outcome: Outcome) -> Result<Completion, BrokerError> {
         let answers = self.complete_many(vec![(lease.clone(), outcome)]).await?;
         answers
             .into_iter()
@@ -1407,7 +1403,7 @@ impl Broker for RedisBroker {
 
     async fn complete_many(
         &self,
-        outcomes: Vec<(Lease, Result<Bytes, (JobFailure, AttemptEnd)>)>,
+        outcomes: Vec<(Lease, Outcome)>,
     ) -> Result<Vec<Completion>, BrokerError> {
         let mut answers = Vec::with_capacity(outcomes.len());
         // One script call per session and per few MiB of inline output.

@@ -19,8 +19,8 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::broker::{
-    AttemptEnd, Broker, JobId, Lease, LeasedJob, NodeId, NodeProblem, NodeStatus, SessionId,
-    SessionInfo, UpdateSeq, WorkerId, WorkerState, WorkerStatus,
+    AttemptEnd, Broker, JobId, Lease, LeasedJob, NodeId, NodeProblem, NodeStatus, Outcome,
+    SessionId, SessionInfo, UpdateSeq, WorkerId, WorkerState, WorkerStatus,
 };
 use crate::error::{BrokerError, JobFailure};
 use crate::protocol::{
@@ -628,9 +628,6 @@ async fn run_simulated_slot(
     shared.set_state(slot, None, WorkerState::Starting);
 }
 
-/// An attempt's outcome as the node reports it.
-type Outcome = Result<Bytes, (JobFailure, AttemptEnd)>;
-
 /// Most jobs a slot holds taken ahead of the one it runs (automatic batching).
 const MAX_AHEAD: usize = 64;
 /// Payload bytes a slot holds taken ahead at most (it tops up only below this).
@@ -951,16 +948,12 @@ async fn serve_flow<'a>(
         };
         // Run the job; meanwhile the exchange in flight (if any) reports and takes ahead.
         let step = {
-            let run = run_one(
-                shared,
-                proc,
-                log,
-                &mut applied,
-                &job,
-                was_sent,
-                next.as_ref(),
-                cancel,
-            );
+            let dispatch = Dispatch {
+                job: &job,
+                sent: was_sent,
+                next: next.as_ref(),
+            };
+            let run = run_one(shared, proc, log, &mut applied, dispatch, cancel);
             tokio::pin!(run);
             loop {
                 let Some(ex) = inflight.as_mut() else {
@@ -1003,9 +996,18 @@ async fn serve_flow<'a>(
 
 enum JobStep {
     /// The worker answered: the result (or its error) to report.
-    Done(Result<Bytes, (JobFailure, AttemptEnd)>),
+    Done(Outcome),
     Cancelled,
     WorkerBroken,
+}
+
+/// A job to run and what goes with it on the worker's channel.
+struct Dispatch<'j> {
+    job: &'j LeasedJob,
+    /// Already sent (it went along behind the previous job).
+    sent: bool,
+    /// The job to send along behind this one, if any.
+    next: Option<&'j LeasedJob>,
 }
 
 /// Run one leased job on the worker; a broken attempt is handed back to the broker here, a
@@ -1015,11 +1017,10 @@ async fn run_one(
     proc: &mut WorkerProc,
     log: &UpdateLog,
     applied: &mut UpdateSeq,
-    job: &LeasedJob,
-    sent: bool,
-    next: Option<&LeasedJob>,
+    dispatch: Dispatch<'_>,
     cancel: &mut watch::Receiver<bool>,
 ) -> JobStep {
+    let Dispatch { job, sent, next } = dispatch;
     let broker = shared.broker.as_ref();
     let lease = &job.lease;
     let need = job.update_seq.max(job.log_len);

@@ -275,6 +275,10 @@ pub struct JobResult {
     pub outcome: JobOutcome,
 }
 
+/// An attempt's outcome as a node reports it: the output (CBOR), or why the job failed (the
+/// worker's error; not retried).
+pub type Outcome = Result<Bytes, (JobFailure, AttemptEnd)>;
+
 /// What happened to a result handed to [`Broker::complete`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Completion {
@@ -519,18 +523,14 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
             .collect())
     }
     /// Record an attempt's outcome: a result (`Ok`) or the worker's error (`Err`, not retried).
-    async fn complete(
-        &self,
-        lease: &Lease,
-        outcome: Result<Bytes, (JobFailure, AttemptEnd)>,
-    ) -> Result<Completion, BrokerError>;
+    async fn complete(&self, lease: &Lease, outcome: Outcome) -> Result<Completion, BrokerError>;
     /// Record several attempts' outcomes (as [`Broker::complete`] each), in one round trip
     /// where the backend can; the answers come in the same order. On an error none, some or
     /// all may be recorded: calling again with the same outcomes is safe (a recorded one is
     /// then [`Completion::Discarded`]).
     async fn complete_many(
         &self,
-        outcomes: Vec<(Lease, Result<Bytes, (JobFailure, AttemptEnd)>)>,
+        outcomes: Vec<(Lease, Outcome)>,
     ) -> Result<Vec<Completion>, BrokerError> {
         let mut answers = Vec::with_capacity(outcomes.len());
         for (lease, outcome) in outcomes {
