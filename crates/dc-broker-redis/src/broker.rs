@@ -372,15 +372,7 @@ impl RedisBroker {
         }
         let mut conn = self.conns().dedicated(Kind::Blocking).await?;
         Conns::arm(&mut conn, wait);
-        let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
-        let result = redis::cmd("XREAD")
-            .arg("BLOCK")
-            .arg(ms)
-            .arg("COUNT")
-            .arg(1)
-            .arg("STREAMS")
-            .arg(streams)
-            .arg(ids)
+        let result = xread_block(streams, ids, wait)
             .query_async::<Value>(conn.conn())
             .await;
         let reply = finish(conn, result).map_err(|e| self.conns().error(e))?;
@@ -415,16 +407,8 @@ impl RedisBroker {
     ) -> Result<Value, BrokerError> {
         let mut conn = self.conns().dedicated(Kind::Blocking).await?;
         Conns::arm(&mut conn, wait);
-        let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
         let mut pipe = redis::pipe();
-        pipe.cmd("XREAD")
-            .arg("BLOCK")
-            .arg(ms)
-            .arg("COUNT")
-            .arg(1)
-            .arg("STREAMS")
-            .arg(streams)
-            .arg(ids)
+        pipe.add_command(xread_block(streams, ids, wait))
             .ignore()
             .invoke_script(inv);
         let mut result = pipe.query_async::<(Value,)>(conn.conn()).await;
@@ -903,6 +887,20 @@ impl RedisBroker {
             })
             .collect()
     }
+}
+
+/// `XREAD BLOCK <wait> COUNT 1 STREAMS <streams> <ids>`.
+fn xread_block(streams: &[&str], ids: &[&str], wait: Duration) -> redis::Cmd {
+    let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
+    let mut cmd = redis::cmd("XREAD");
+    cmd.arg("BLOCK")
+        .arg(ms)
+        .arg("COUNT")
+        .arg(1)
+        .arg("STREAMS")
+        .arg(streams)
+        .arg(ids);
+    cmd
 }
 
 /// Hand a dedicated connection back after success; discard it after an error.

@@ -335,80 +335,43 @@ async fn garbage_in_redis_is_an_error_not_a_panic() {
         .arg("*")
         .arg("garbage")
         .arg("entry"));
-    broker
-        .submit(
+    let submit = |id: u64, payload: Bytes| {
+        broker.submit(
             &s,
             vec![NewJob {
-                id: JobId(5),
-                payload: Bytes::from_static(b"real"),
+                id: JobId(id),
+                payload,
                 update_seq: 0,
             }],
         )
+    };
+    let (node, worker) = (NodeId("n".into()), WorkerId("n/0".into()));
+    let take = || broker.take_job(&s, &node, &worker, Duration::from_millis(200));
+    submit(5, Bytes::from_static(b"real"))
         .await
         .expect("submit");
-    let job = broker
-        .take_job(
-            &s,
-            &NodeId("n".into()),
-            &WorkerId("n/0".into()),
-            Duration::from_millis(200),
-        )
-        .await
-        .expect("take_job")
-        .expect("the real job");
+    let job = take().await.expect("take_job").expect("the real job");
     assert_eq!(job.lease.job, JobId(5));
 
     // A job's payload chunks (a payload too large to travel inline) overwritten behind the
     // broker's back.
-    broker
-        .submit(
-            &s,
-            vec![NewJob {
-                id: JobId(6),
-                payload: Bytes::from(vec![7u8; 300 << 10]),
-                update_seq: 0,
-            }],
-        )
+    submit(6, Bytes::from(vec![7u8; 300 << 10]))
         .await
         .expect("submit");
     run(redis::cmd("SET")
         .arg(format!("{base}in:6"))
         .arg("not a hash"));
-    let err = broker
-        .take_job(
-            &s,
-            &NodeId("n".into()),
-            &WorkerId("n/0".into()),
-            Duration::from_millis(200),
-        )
-        .await
-        .expect_err("a payload of the wrong type");
+    let err = take().await.expect_err("a payload of the wrong type");
     assert!(matches!(err, BrokerError::Protocol(_)), "got {err:?}");
 
     // A job's own record (which holds a small payload) overwritten.
-    broker
-        .submit(
-            &s,
-            vec![NewJob {
-                id: JobId(7),
-                payload: Bytes::from_static(b"small"),
-                update_seq: 0,
-            }],
-        )
+    submit(7, Bytes::from_static(b"small"))
         .await
         .expect("submit");
     run(redis::cmd("SET")
         .arg(format!("{base}job:7"))
         .arg("not a hash"));
-    let err = broker
-        .take_job(
-            &s,
-            &NodeId("n".into()),
-            &WorkerId("n/0".into()),
-            Duration::from_millis(200),
-        )
-        .await
-        .expect_err("a job record of the wrong type");
+    let err = take().await.expect_err("a job record of the wrong type");
     assert!(matches!(err, BrokerError::Protocol(_)), "got {err:?}");
 }
 
