@@ -23,6 +23,7 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
   return redis.error_reply('DCGONE session is gone')
 end
 local answers = {}
+local entries = {}
 local done, failed = 0, 0
 for k = 0, count - 1 do
   local a = 1 + 12 * k
@@ -50,27 +51,34 @@ for k = 0, count - 1 do
       redis.call('HSET', out, 'k', kind, 'fk', fkind, 'a', s[2], 'm', message, 'n', n, 'len', len)
       redis.call('XADD', base .. 'results', '*', 'j', jid)
     end
+    local st = 'd'
     if kind == 'f' then
       redis.call('RPUSH', base .. 'hist:' .. jid, record)
-      redis.call('HSET', job, 'st', 'f')
+      st = 'f'
       failed = failed + 1
     else
       if s[2] ~= '1' then
         -- Earlier attempts ended without a result and left their records.
         redis.call('UNLINK', base .. 'hist:' .. jid)
       end
-      redis.call('HSET', job, 'st', 'd')
       done = done + 1
     end
+    -- The job is over: its payload goes (emptied in place when it lived in the job's hash).
     if s[5] == 'i' then
-      redis.call('HDEL', job, 'c0')
+      redis.call('HSET', job, 'st', st, 'c0', '')
     else
+      redis.call('HSET', job, 'st', st)
       redis.call('UNLINK', base .. 'in:' .. jid)
     end
-    redis.call('XACK', base .. 'jobs', 'w', entry)
-    redis.call('XDEL', base .. 'jobs', entry)
+    entries[#entries + 1] = entry
     answers[k + 1] = 1
   end
+end
+-- Ack and delete the finished entries together.
+for i = 1, #entries, 1000 do
+  local last = math.min(i + 999, #entries)
+  redis.call('XACK', base .. 'jobs', 'w', unpack(entries, i, last))
+  redis.call('XDEL', base .. 'jobs', unpack(entries, i, last))
 end
 if done > 0 then
   redis.call('HINCRBY', KEYS[1], 'd', done)

@@ -628,6 +628,8 @@ async fn run_simulated_slot(
     shared.set_state(slot, None, WorkerState::Starting);
 }
 
+/// Most jobs a slot keeps sent to its worker behind the one it runs (tiny jobs only).
+const PIPE_AHEAD: usize = 4;
 /// Most jobs a slot holds taken ahead of the one it runs (automatic batching).
 const MAX_AHEAD: usize = 64;
 /// Payload bytes a slot holds taken ahead at most (it tops up only below this).
@@ -848,14 +850,14 @@ async fn serve_flow<'a>(
     let broker = shared.broker.as_ref();
     let mut applied: UpdateSeq = 0;
     let mut failures = 0u32;
-    // A job already sent to the worker behind the one it runs (pipelined tiny jobs). Its lease
+    // Jobs already sent to the worker behind the one it runs (pipelined tiny jobs). Their leases
     // stays in `shared.leases` until it is answered, so a slot that ends with it unanswered
     // hands it back (`release_slot_leases`).
-    let mut sent: Option<LeasedJob> = None;
+    let mut sent: VecDeque<LeasedJob> = VecDeque::new();
     loop {
         // Catch up with every update this node knows of before the next job (never while a job
         // is in the worker's pipe: its answer comes first).
-        if sent.is_none()
+        if sent.is_empty()
             && log.known() > applied
             && let Err(end) = apply_updates(proc, log, &mut applied).await
         {
@@ -866,8 +868,8 @@ async fn serve_flow<'a>(
         if inflight.is_none() {
             *inflight = flow.start();
         }
-        let was_sent = sent.is_some();
-        let Some(job) = sent.take().or_else(|| flow.ahead.pop_front()) else {
+        let was_sent = !sent.is_empty();
+        let Some(job) = sent.pop_front().or_else(|| flow.ahead.pop_front()) else {
             if let Some(ex) = inflight.take() {
                 // Nothing to run until the exchange in flight answers: report and take in one
                 // round trip.
@@ -933,25 +935,30 @@ async fn serve_flow<'a>(
         };
         shared.set_state(slot, Some(&info.id), WorkerState::Busy);
         let started = tokio::time::Instant::now();
-        // Tiny jobs: send the next one along, unless an update is due first (this job's
-        // updates are applied before it runs; any later one waits for the pipe to drain).
+        // Tiny jobs: keep a few more in the worker's channel, unless an update is due first
+        // (this job's updates are applied before it runs; a later one waits for the pipe to
+        // drain).
         let updated = applied.max(job.update_seq.max(job.log_len));
-        let next = match flow.ahead.front() {
-            Some(n)
-                if flow.pace.depth(info.spec.auto_batching) > 0
-                    && log.known() <= updated
-                    && n.update_seq.max(n.log_len) <= updated =>
+        let room = PIPE_AHEAD
+            .min(flow.pace.depth(info.spec.auto_batching))
+            .saturating_sub(sent.len());
+        let mut next = Vec::new();
+        if log.known() <= updated {
+            while next.len() < room
+                && flow
+                    .ahead
+                    .front()
+                    .is_some_and(|n| n.update_seq.max(n.log_len) <= updated)
             {
-                flow.ahead.pop_front()
+                next.extend(flow.ahead.pop_front());
             }
-            _ => None,
-        };
+        }
         // Run the job; meanwhile the exchange in flight (if any) reports and takes ahead.
         let step = {
             let dispatch = Dispatch {
                 job: &job,
                 sent: was_sent,
-                next: next.as_ref(),
+                next: &next,
             };
             let run = run_one(shared, proc, log, &mut applied, dispatch, cancel);
             tokio::pin!(run);
@@ -972,7 +979,7 @@ async fn serve_flow<'a>(
                 }
             }
         };
-        sent = next;
+        sent.extend(next);
         match step {
             JobStep::Done(outcome) => {
                 Pace::note(&mut flow.pace.job_us, started.elapsed());
@@ -988,7 +995,7 @@ async fn serve_flow<'a>(
                 return SlotExit::Restart;
             }
         }
-        if sent.is_none() && flow.ahead.is_empty() && inflight.is_none() {
+        if sent.is_empty() && flow.ahead.is_empty() && inflight.is_none() {
             shared.set_state(slot, Some(&info.id), WorkerState::Idle);
         }
     }
@@ -1006,8 +1013,8 @@ struct Dispatch<'j> {
     job: &'j LeasedJob,
     /// Already sent (it went along behind the previous job).
     sent: bool,
-    /// The job to send along behind this one, if any.
-    next: Option<&'j LeasedJob>,
+    /// Jobs to send along behind this one (and behind those sent before).
+    next: &'j [LeasedJob],
 }
 
 /// Run one leased job on the worker; a broken attempt is handed back to the broker here, a
@@ -1034,7 +1041,7 @@ async fn run_one(
             }
             proc.send_job(job).await?;
         }
-        if let Some(next) = next {
+        for next in next {
             // Pipelined: the worker finds the next job waiting when it answers this one.
             proc.send_job(next).await?;
         }
