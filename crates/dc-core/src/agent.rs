@@ -1042,8 +1042,13 @@ async fn run_one(
             proc.send_job(job).await?;
         }
         for next in next {
-            // Pipelined: the worker finds the next job waiting when it answers this one.
-            proc.send_job(next).await?;
+            // Pipelined: the worker finds the next job waiting when it answers this one. A
+            // failed send means the worker died, but not necessarily on this job: the replies,
+            // read in order, tell which job it was running (the first one unanswered).
+            if let Err(e) = proc.write_job(next).await {
+                tracing::debug!(job = %next.lease.job, error = %e, "cannot send a job ahead");
+                break;
+            }
         }
         proc.job_reply(job.lease.job.0).await
     };
@@ -1378,27 +1383,28 @@ impl WorkerProc {
         }
     }
 
-    /// Send a job: the frame's head, then the payload as it is (no copy into a frame buffer).
+    /// Send a job; a failure is the worker's death.
     async fn send_job(&mut self, job: &LeasedJob) -> Result<(), AttemptEnd> {
+        match self.write_job(job).await {
+            Ok(()) => Ok(()),
+            Err(FrameError::Io(_)) => Err(self.death().await),
+            Err(e) => Err(AttemptEnd::Protocol(e.to_string())),
+        }
+    }
+
+    /// Write a job's frame: its head, then the payload as it is (no copy into a frame buffer).
+    async fn write_job(&mut self, job: &LeasedJob) -> Result<(), FrameError> {
         use tokio::io::AsyncWriteExt;
         let msg = ToWorker::Job {
             job_id: job.lease.job.0,
             attempt: job.lease.attempt,
             payload: protocol::Payload::borrowed(&[]),
         };
-        let head = match protocol::encode_frame_head(&msg, job.payload.len()) {
-            Ok(head) => head,
-            Err(e) => return Err(AttemptEnd::Protocol(e.to_string())),
-        };
-        let sent = async {
-            self.writer.write_all(&head).await?;
-            self.writer.write_all(&job.payload).await?;
-            self.writer.flush().await
-        };
-        match sent.await {
-            Ok(()) => Ok(()),
-            Err(_) => Err(self.death().await),
-        }
+        let head = protocol::encode_frame_head(&msg, job.payload.len())?;
+        self.writer.write_all(&head).await?;
+        self.writer.write_all(&job.payload).await?;
+        self.writer.flush().await?;
+        Ok(())
     }
 
     /// The reply to job `id`, the oldest job sent and not yet answered.
