@@ -16,8 +16,7 @@ use common::cluster::{
     wait_workers,
 };
 use common::{Probe, ProbeInit, ProbeJob, TestResult, Unregistered, eventually};
-use distributed_computing::broker::AttemptEnd;
-use distributed_computing::{JobFailure, Pool, PoolError};
+use distributed_computing::{Pool, PoolError};
 use futures::StreamExt;
 
 fn main() -> ExitCode {
@@ -413,54 +412,7 @@ async fn tiny_jobs_in_batches_each_once_in_order_and_only_a_poison_job_is_charge
         .connect()
         .await?;
     check!(wait_workers(&pool, 2, 1).await, "expected 2 workers");
-    let poisons = [1500usize, 2600, 3700];
-    let jobs = (0..4000).map(|i| {
-        if poisons.contains(&i) {
-            ProbeJob::Abort
-        } else {
-            ProbeJob::Echo(i as i64)
-        }
-    });
-    let mut stream = pool.imap_unordered(jobs);
-    let mut seen = HashSet::new();
-    let mut failed = Vec::new();
-    while let Some(item) = stream.next().await {
-        match item {
-            Ok((i, out)) => {
-                check!(out.value == i as i64, "job {i} returned {}", out.value);
-                check!(seen.insert(i), "job {i} delivered twice");
-            }
-            Err(PoolError::Job {
-                index,
-                kind: JobFailure::Exhausted,
-                history,
-                ..
-            }) => {
-                // Its one charged attempt is its own death; a poison job that was waiting in
-                // the pipe when another one killed the worker also shows that uncharged
-                // attempt (NodeLeft).
-                let (charged, uncharged): (Vec<_>, Vec<_>) =
-                    history.iter().partition(|r| r.end.counts_as_failure());
-                check!(
-                    matches!(&charged[..], [r] if matches!(&r.end, AttemptEnd::ProcessDied { how, .. } if how.contains("signal 6")))
-                        && uncharged.iter().all(|r| r.end == AttemptEnd::NodeLeft),
-                    "job {index} failed with {history:?}"
-                );
-                failed.push(index);
-            }
-            Err(other) => return Err(format!("unexpected error {other:?}").into()),
-        }
-    }
-    failed.sort_unstable();
-    check!(
-        failed == poisons,
-        "failed jobs {failed:?}: only the poison jobs {poisons:?} may be charged"
-    );
-    check!(
-        seen.len() == 4000 - poisons.len(),
-        "{} healthy jobs delivered",
-        seen.len()
-    );
+    common::only_poison_jobs_fail(&pool, 4000, &[1500, 2600, 3700]).await?;
     pool.close().await?;
 
     // Ordered results, and an update between two batches of tiny jobs.

@@ -28,6 +28,7 @@ fn main() -> ExitCode {
         garbage_on_the_channel_fails_only_that_job,
         sigkill_of_pool_owner_leaves_no_worker_alive,
         pool_resubmits_what_a_broker_lost_and_delivers_each_result_once,
+        tiny_jobs_with_poison_jobs_charge_only_the_poison,
     ];
     libtest_mimic::run(&args, tests).exit_code()
 }
@@ -373,5 +374,20 @@ async fn pool_resubmits_what_a_broker_lost_and_delivers_each_result_once() -> Te
     );
     pool.close().await?;
     agent.shutdown().await;
+    Ok(())
+}
+
+/// Tiny jobs on a local pool with poison jobs among them: with one attempt allowed, only the
+/// poison jobs fail. (An in-process broker answers in microseconds, so the agent seldom batches
+/// here; the cluster suite's tiny-jobs test covers batches and pipelined jobs on Redis.)
+async fn tiny_jobs_with_poison_jobs_charge_only_the_poison() -> TestResult {
+    let pool = Pool::<Probe>::builder(ProbeInit::tagged("tiny"))
+        .local()
+        .cpu_workers(2)
+        .max_attempts(1)
+        .connect()
+        .await?;
+    common::only_poison_jobs_fail(&pool, 3000, &[1000, 1001, 2500]).await?;
+    pool.close().await?;
     Ok(())
 }

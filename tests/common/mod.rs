@@ -299,3 +299,63 @@ macro_rules! trials {
         vec![$(libtest_mimic::Trial::test(stringify!($name), || common::run_async($limit, $name))),*]
     };
 }
+
+/// Run `n` tiny `Echo` jobs with `Abort` at the indices `poisons` on a pool opened with
+/// `max_attempts(1)`: every healthy job comes back once with its value, and only the poison
+/// jobs fail, each charged with its own death alone (a poison job that waited in the worker's
+/// channel when another one killed the worker also shows that attempt, uncharged).
+pub async fn only_poison_jobs_fail(
+    pool: &distributed_computing::Pool<Probe>,
+    n: usize,
+    poisons: &[usize],
+) -> TestResult {
+    use distributed_computing::broker::AttemptEnd;
+    use distributed_computing::{JobFailure, PoolError};
+    use futures::StreamExt;
+    let jobs = (0..n).map(|i| {
+        if poisons.contains(&i) {
+            ProbeJob::Abort
+        } else {
+            ProbeJob::Echo(i as i64)
+        }
+    });
+    let mut stream = pool.imap_unordered(jobs);
+    let mut seen = HashSet::new();
+    let mut failed = Vec::new();
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok((i, out)) => {
+                check!(out.value == i as i64, "job {i} returned {}", out.value);
+                check!(seen.insert(i), "job {i} delivered twice");
+            }
+            Err(PoolError::Job {
+                index,
+                kind: JobFailure::Exhausted,
+                history,
+                ..
+            }) => {
+                let (charged, uncharged): (Vec<_>, Vec<_>) =
+                    history.iter().partition(|r| r.end.counts_as_failure());
+                check!(
+                    matches!(&charged[..], [r] if matches!(&r.end, AttemptEnd::ProcessDied { how, .. } if how.contains("signal 6")))
+                        && uncharged.iter().all(|r| r.end == AttemptEnd::NodeLeft),
+                    "job {index} failed with {history:?}"
+                );
+                failed.push(index);
+            }
+            Err(other) => return Err(format!("unexpected error {other:?}").into()),
+        }
+    }
+    failed.sort_unstable();
+    check!(
+        failed == poisons,
+        "failed jobs {failed:?}: only the poison jobs {poisons:?} may be charged"
+    );
+    check!(
+        seen.len() == n - poisons.len(),
+        "{} healthy jobs delivered of {}",
+        seen.len(),
+        n - poisons.len()
+    );
+    Ok(())
+}
