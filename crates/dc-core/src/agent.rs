@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ffi::OsString;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -851,8 +851,8 @@ async fn serve_flow<'a>(
     let mut applied: UpdateSeq = 0;
     let mut failures = 0u32;
     // Jobs already sent to the worker behind the one it runs (pipelined tiny jobs). Their leases
-    // stays in `shared.leases` until it is answered, so a slot that ends with it unanswered
-    // hands it back (`release_slot_leases`).
+    // stay in `shared.leases` until they are answered, so a slot that ends with some unanswered
+    // hands them back, uncharged (`release_slot_leases`).
     let mut sent: VecDeque<LeasedJob> = VecDeque::new();
     loop {
         // Catch up with every update this node knows of before the next job (never while a job
@@ -954,11 +954,13 @@ async fn serve_flow<'a>(
             }
         }
         // Run the job; meanwhile the exchange in flight (if any) reports and takes ahead.
+        let written = AtomicUsize::new(0);
         let step = {
             let dispatch = Dispatch {
                 job: &job,
                 sent: was_sent,
                 next: &next,
+                written: &written,
             };
             let run = run_one(shared, proc, log, &mut applied, dispatch, cancel);
             tokio::pin!(run);
@@ -979,7 +981,12 @@ async fn serve_flow<'a>(
                 }
             }
         };
+        // Jobs that could not be written are not in the worker's channel: back to the front.
+        let unsent = next.split_off(written.load(Ordering::Relaxed).min(next.len()));
         sent.extend(next);
+        for job in unsent.into_iter().rev() {
+            flow.ahead.push_front(job);
+        }
         match step {
             JobStep::Done(outcome) => {
                 Pace::note(&mut flow.pace.job_us, started.elapsed());
@@ -1015,6 +1022,8 @@ struct Dispatch<'j> {
     sent: bool,
     /// Jobs to send along behind this one (and behind those sent before).
     next: &'j [LeasedJob],
+    /// How many of `next` were written.
+    written: &'j AtomicUsize,
 }
 
 /// Run one leased job on the worker; a broken attempt is handed back to the broker here, a
@@ -1027,7 +1036,12 @@ async fn run_one(
     dispatch: Dispatch<'_>,
     cancel: &mut watch::Receiver<bool>,
 ) -> JobStep {
-    let Dispatch { job, sent, next } = dispatch;
+    let Dispatch {
+        job,
+        sent,
+        next,
+        written,
+    } = dispatch;
     let broker = shared.broker.as_ref();
     let lease = &job.lease;
     let need = job.update_seq.max(job.log_len);
@@ -1049,6 +1063,7 @@ async fn run_one(
                 tracing::debug!(job = %next.lease.job, error = %e, "cannot send a job ahead");
                 break;
             }
+            written.fetch_add(1, Ordering::Relaxed);
         }
         proc.job_reply(job.lease.job.0).await
     };
