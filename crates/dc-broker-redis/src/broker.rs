@@ -766,6 +766,7 @@ impl RedisBroker {
             return Err(bad(format!("a take reply of {} fields", rest.len())));
         }
         let mut jobs = Vec::with_capacity(rest.len() / 8);
+        let mut failure = None;
         let mut fields = rest.into_iter();
         while fields.len() > 0 {
             let mut next = || fields.next().unwrap_or(Value::Nil);
@@ -779,32 +780,47 @@ impl RedisBroker {
                 next(),
                 next(),
             );
-            let job = parse_job_id(job)?;
-            let payload = match opt_bytes(data)? {
-                Some(data) => Bytes::from(data),
-                None => {
-                    let holder = string(holder)?;
-                    if !holder.starts_with(&base) {
-                        return Err(bad(format!("job#{job}'s payload is in a foreign key")));
-                    }
-                    self.fetch(&holder, uint(&n)?, uint(&len)?).await?
-                }
+            let lease = Lease {
+                session: session.clone(),
+                job: JobId(parse_job_id(job)?),
+                attempt: uint(&attempt)?,
+                node: node.clone(),
+                worker: worker.clone(),
+                token: string(entry)?,
             };
-            jobs.push(LeasedJob {
-                lease: Lease {
-                    session: session.clone(),
-                    job: JobId(job),
-                    attempt: uint(&attempt)?,
-                    node: node.clone(),
-                    worker: worker.clone(),
-                    token: string(entry)?,
+            let payload = match opt_bytes(data)? {
+                Some(data) => Ok(Bytes::from(data)),
+                None => match string(holder) {
+                    Ok(holder) if holder.starts_with(&base) => {
+                        self.fetch(&holder, uint(&n)?, uint(&len)?).await
+                    }
+                    Ok(_) => Err(bad(format!("{}'s payload is in a foreign key", lease.job))),
+                    Err(e) => Err(e),
                 },
-                payload,
-                update_seq: uint(&upd)?,
-                log_len,
-            });
+            };
+            match payload {
+                Ok(payload) => jobs.push(LeasedJob {
+                    lease,
+                    payload,
+                    update_seq: uint(&upd)?,
+                    log_len,
+                }),
+                Err(e) => {
+                    // Leased but unreadable: hand it back as a failed attempt now (it fails for
+                    // good after max attempts), and still hand out the batch's other jobs.
+                    tracing::error!(job = %lease.job, error = %e, "cannot read a leased job's payload");
+                    let end = AttemptEnd::Protocol(format!("its payload cannot be read: {e}"));
+                    if let Err(e) = self.abandon(&lease, end).await {
+                        tracing::warn!(job = %lease.job, error = %e, "cannot hand the job back; its lease will expire");
+                    }
+                    failure.get_or_insert(e);
+                }
+            }
         }
-        Ok(jobs)
+        match failure {
+            Some(e) if jobs.is_empty() => Err(e),
+            _ => Ok(jobs),
+        }
     }
 
     /// One `complete` script call for outcomes of one session (outputs over the inline limit

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use dc_broker_redis::{RedisBroker, RedisOptions, redis_url};
-use dc_core::broker::{JobId, JobOutcome, NewJob, NodeId, NodeStatus, SessionId, WorkerId};
+use dc_core::broker::{
+    AttemptEnd, JobId, JobOutcome, JobResult, NewJob, NodeId, NodeStatus, SessionId, WorkerId,
+};
 use dc_core::{Broker, BrokerError};
 
 async fn broker_with(options: RedisOptions) -> RedisBroker {
@@ -276,7 +278,13 @@ async fn close_session_removes_every_key_of_the_session() {
 #[tokio::test]
 async fn garbage_in_redis_is_an_error_not_a_panic() {
     let (broker, prefix) = broker().await;
-    let s = open(&broker, Duration::from_secs(30)).await;
+    // One attempt: a job whose payload cannot be read fails for good at once.
+    let s = broker
+        .try_open_session(&dc_core::testing::spec(Duration::from_secs(30), 1))
+        .await
+        .expect("try_open_session")
+        .expect("no other session is active")
+        .id;
     let base = format!("{prefix}:{{{}}}:", s.0);
     let mut conn = raw();
     let mut run = |cmd: &mut redis::Cmd| {
@@ -363,6 +371,24 @@ async fn garbage_in_redis_is_an_error_not_a_panic() {
         .arg("not a hash"));
     let err = take().await.expect_err("a payload of the wrong type");
     assert!(matches!(err, BrokerError::Protocol(_)), "got {err:?}");
+    // The leased job was handed back as a failed attempt, not left to its lease.
+    let results = broker
+        .take_results(&s, 10, Duration::from_secs(2))
+        .await
+        .expect("take_results");
+    match &results[..] {
+        [
+            JobResult {
+                job: JobId(6),
+                outcome: JobOutcome::Failed { history, .. },
+                ..
+            },
+        ] => assert!(
+            matches!(&history[..], [r] if matches!(&r.end, AttemptEnd::Protocol(m) if m.contains("payload cannot be read"))),
+            "history {history:?}"
+        ),
+        other => panic!("expected job 6 to fail at once, got {other:?}"),
+    }
 
     // A job's own record (which holds a small payload) overwritten.
     submit(7, Bytes::from_static(b"small"))
