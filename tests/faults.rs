@@ -24,7 +24,7 @@ use common::cluster::{
     start_head_with, start_worker_node, start_worker_node_with, status_json, wait_workers,
 };
 use common::{Probe, ProbeInit, ProbeJob, ProbeOut, eventually, process_is_gone};
-use distributed_computing::{BoxError, JobFailure, Pool, PoolError, Worker, WorkerContext};
+use distributed_computing::{BoxError, Broker, JobFailure, Pool, PoolError, Worker, WorkerContext};
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use libtest_mimic::Failed;
@@ -92,6 +92,7 @@ fn main() -> ExitCode {
             bad_input_on_the_wire_is_attributed_and_nothing_else_is_lost,
             240
         ),
+        trial!(node_killed_holding_batched_jobs_every_job_once, 240),
     ];
     libtest_mimic::run(&args, tests).exit_code()
 }
@@ -1354,6 +1355,71 @@ async fn garbage_in_redis(head: &NodeProc, port: u16) -> Result<(), Failed> {
         "the server log {} does not name the dropped job entries {unlogged:?}",
         log_path.display()
     );
+    pool.close().await?;
+    Ok(())
+}
+
+/// A node killed (SIGKILL) while its slots hold tiny jobs taken ahead (automatic batching:
+/// more jobs leased than workers run) loses none of them: they go back to the queue and the
+/// other node runs them; every job's result arrives once, with its own value.
+async fn node_killed_holding_batched_jobs_every_job_once() -> Result<(), Failed> {
+    const N: usize = 20_000;
+    let (_head, port) = start_head(2).await?;
+    let node = start_worker_node(port, 2, &[]).await?;
+    let pool = pool(port, "ahead").await?;
+    check!(
+        wait_workers(&pool, 4, 2).await,
+        "expected 4 workers on 2 nodes"
+    );
+    let url = format!("redis://:{}@127.0.0.1:{port}", common::cluster::PASSWORD);
+    let broker = distributed_computing::RedisBroker::connect(&url, Default::default())
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let session = distributed_computing::broker::SessionId(pool.session_id());
+
+    let mut stream = pool.imap_unordered((0..N).map(|i| ProbeJob::Echo(i as i64)));
+    let mut seen = vec![false; N];
+    let (mut count, mut twice, mut errors) = (0usize, 0usize, Vec::new());
+    let mut most_leased = 0usize;
+    let mut killed = false;
+    while let Some(item) = tokio::time::timeout(Duration::from_secs(60), stream.next())
+        .await
+        .map_err(|_| format!("stalled after {count} of {N} results"))?
+    {
+        match item {
+            Ok((i, out)) => {
+                check!(out.value == i as i64, "job {i} returned {}", out.value);
+                if std::mem::replace(&mut seen[i], true) {
+                    twice += 1;
+                } else {
+                    count += 1;
+                }
+            }
+            Err(e) => errors.push(e.to_string()),
+        }
+        if !killed && count >= N / 4 && count % 100 == 0 {
+            // Kill the worker node at a moment when more jobs are leased than 4 workers run.
+            let running = broker
+                .session_stats(&session)
+                .await
+                .map_err(|e| format!("stats: {e}"))?
+                .running;
+            most_leased = most_leased.max(running);
+            if running > 4 || count >= N / 2 {
+                node.signal(Signal::SIGKILL)?;
+                killed = true;
+                eprintln!("  killed the node with {running} jobs leased, {count} results in");
+            }
+        }
+    }
+    check!(killed, "the node was never killed");
+    check!(
+        most_leased > 4,
+        "never more jobs leased than workers ({most_leased}): nothing was taken ahead"
+    );
+    check!(errors.is_empty(), "errors: {errors:?}");
+    check!(twice == 0, "{twice} results delivered twice");
+    check!(count == N, "{count} of {N} results");
     pool.close().await?;
     Ok(())
 }
