@@ -377,9 +377,9 @@ async fn pool_resubmits_what_a_broker_lost_and_delivers_each_result_once() -> Te
     Ok(())
 }
 
-/// Tiny jobs on a local pool with poison jobs among them: with one attempt allowed, only the
-/// poison jobs fail. (An in-process broker answers in microseconds, so the agent seldom batches
-/// here; the cluster suite's tiny-jobs test covers batches and pipelined jobs on Redis.)
+/// Tiny jobs on a local pool (taken several at a time, a few waiting in each worker's channel)
+/// with poison jobs among them: with one attempt allowed, only the poison jobs fail (a mutant
+/// that charges the jobs waiting behind a poison job fails this test).
 async fn tiny_jobs_with_poison_jobs_charge_only_the_poison() -> TestResult {
     let pool = Pool::<Probe>::builder(ProbeInit::tagged("tiny"))
         .local()

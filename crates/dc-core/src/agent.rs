@@ -630,6 +630,10 @@ async fn run_simulated_slot(
 
 /// Most jobs a slot keeps sent to its worker behind the one it runs (tiny jobs only).
 const PIPE_AHEAD: usize = 4;
+/// Jobs shorter than this are pipelined to the worker whatever the broker's round trip: the
+/// agent's own turnaround between a result and the next job (tens of µs) would otherwise idle
+/// the worker, and at most `PIPE_AHEAD` such jobs wait behind another worker's.
+const SHORT_JOB: Duration = Duration::from_millis(1);
 /// Most jobs a slot holds taken ahead of the one it runs (automatic batching).
 const MAX_AHEAD: usize = 64;
 /// Payload bytes a slot holds taken ahead at most (it tops up only below this).
@@ -659,17 +663,28 @@ impl Pace {
     }
 
     /// Jobs to hold taken ahead of the running one: about two round trips' worth of jobs, so
-    /// that the worker never waits on the broker; none for jobs long next to a round trip, or
-    /// with batching off.
+    /// that the worker never waits on the broker, and for jobs under `SHORT_JOB` at least
+    /// enough to keep `PIPE_AHEAD` in the worker's channel (so it never waits on the agent's
+    /// turnaround either); none for jobs long next to a round trip, or with batching off.
     fn depth(&self, batching: bool) -> usize {
         let (Some(job), Some(io)) = (self.job_us, self.io_us) else {
             return 0;
         };
-        let ratio = io / job.max(1.0);
-        if !batching || ratio < AHEAD_MIN_RATIO {
+        if !batching {
             return 0;
         }
-        ((2.0 * ratio).ceil() as usize).clamp(1, MAX_AHEAD)
+        let ratio = io / job.max(1.0);
+        let by_round_trip = if ratio < AHEAD_MIN_RATIO {
+            0
+        } else {
+            ((2.0 * ratio).ceil() as usize).clamp(1, MAX_AHEAD)
+        };
+        let by_turnaround = if job < SHORT_JOB.as_secs_f64() * 1e6 {
+            PIPE_AHEAD
+        } else {
+            0
+        };
+        by_round_trip.max(by_turnaround)
     }
 }
 

@@ -137,6 +137,11 @@ impl LocalBroker {
                 self.changed();
                 return Ok(found);
             }
+            if tokio::time::Instant::now() >= deadline {
+                // A look without a wait (or a wait that is over): the timer would only fire at
+                // its next tick, a millisecond away.
+                return Ok(None);
+            }
             match tokio::time::timeout_at(deadline, rx.changed()).await {
                 Ok(Ok(())) => continue,
                 _ => return Ok(None),
@@ -534,6 +539,21 @@ impl Broker for LocalBroker {
         worker: &WorkerId,
         wait: Duration,
     ) -> Result<Option<LeasedJob>, BrokerError> {
+        Ok(self
+            .take_jobs(session, node, worker, 1, wait)
+            .await?
+            .into_iter()
+            .next())
+    }
+
+    async fn take_jobs(
+        &self,
+        session: &SessionId,
+        node: &NodeId,
+        worker: &WorkerId,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<LeasedJob>, BrokerError> {
         let mut updates_seen = None;
         let found = self
             .wait_for(wait, |st| {
@@ -541,9 +561,11 @@ impl Broker for LocalBroker {
                 let updates = s.updates.len();
                 if *updates_seen.get_or_insert(updates) != updates {
                     // An update arrived: hand back nothing so the idle worker applies it now.
-                    return Ok(Some(None));
+                    return Ok(Some(Vec::new()));
                 }
-                while let Some(id) = s.queue.pop_front() {
+                let mut taken = Vec::new();
+                while taken.len() < max.max(1) {
+                    let Some(id) = s.queue.pop_front() else { break };
                     let Some(entry) = s.jobs.get_mut(&id) else {
                         continue;
                     };
@@ -556,7 +578,7 @@ impl Broker for LocalBroker {
                         worker: worker.clone(),
                         renewed: Instant::now(),
                     };
-                    return Ok(Some(Some(LeasedJob {
+                    taken.push(LeasedJob {
                         lease: Lease {
                             session: session.clone(),
                             job: id,
@@ -568,12 +590,12 @@ impl Broker for LocalBroker {
                         payload: entry.payload.clone(),
                         update_seq: entry.update_seq,
                         log_len: updates as UpdateSeq,
-                    })));
+                    });
                 }
-                Ok(None)
+                Ok((!taken.is_empty()).then_some(taken))
             })
             .await?;
-        Ok(found.flatten())
+        Ok(found.unwrap_or_default())
     }
 
     async fn complete(
