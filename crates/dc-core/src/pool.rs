@@ -256,11 +256,12 @@ impl<W: Worker, C: Connector> PoolBuilder<W, C> {
 
     /// Automatic batching of tiny jobs (default on). When a worker finishes jobs much faster
     /// than a broker round trip, its node takes several jobs per round trip and reports their
-    /// results together, and keeps a few taken ahead while one runs; the depth adapts to the
-    /// measured job and round-trip times, and jobs that take long compared with a round trip
-    /// are taken one at a time, with nothing held back from other workers. Each job still has
-    /// its own lease, attempts and outcome, and `map` keeps its order. Turn it off to have
-    /// every job dispatched alone (each result is then reported the moment it is ready).
+    /// results together, and keeps a few taken ahead while one runs (jobs under a millisecond:
+    /// up to 4 already in the worker's channel); the depth adapts to the measured job and
+    /// round-trip times, and jobs that take long compared with a round trip are taken one at a
+    /// time, with nothing held back from other workers. Each job still has its own lease,
+    /// attempts and outcome, and `map` keeps its order. Turn it off to have every job
+    /// dispatched alone (each result is then reported the moment it is ready).
     pub fn auto_batching(mut self, on: bool) -> Self {
         self.auto_batching = on;
         self
