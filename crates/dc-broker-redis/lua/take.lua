@@ -38,7 +38,7 @@ while taken < want and drops < 100 do
       end
     end
     local job = jid and (base .. 'job:' .. jid)
-    local s = job and redis.call('HMGET', job, 'st', 'e', 'upd', 'n', 'len', 'att', 'm')
+    local s = job and redis.call('HMGET', job, 'st', 'e', 'upd', 'n', 'len', 'att', 'm', 'c0')
     if s and s[1] == 'q' and s[2] == id then
       local att = tonumber(s[6]) + 1
       redis.call('HSET', job, 'st', 'l', 'att', att, 'node', ARGV[2], 'worker', ARGV[3])
@@ -50,7 +50,10 @@ while taken < want and drops < 100 do
       local data = false
       local len = tonumber(s[5])
       if tonumber(s[4]) == 1 and len <= inline_max and (taken == 0 or bytes + len <= budget) then
-        data = redis.call('HGET', holder, 'c0')
+        data = s[8]
+        if holder ~= job then
+          data = redis.call('HGET', holder, 'c0')
+        end
         bytes = bytes + len
       end
       taken = taken + 1
