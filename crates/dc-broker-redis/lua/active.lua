@@ -15,13 +15,4 @@ if sid then
     return { 1, sid, m[1], m[2], data }
   end
 end
-local last = '0-0'
-if redis.call('EXISTS', KEYS[2]) == 1 then
-  local info = redis.call('XINFO', 'STREAM', KEYS[2])
-  for i = 1, #info, 2 do
-    if info[i] == 'last-generated-id' then
-      last = info[i + 1]
-    end
-  end
-end
-return { 0, last }
+return { 0, last_id(KEYS[2]) }

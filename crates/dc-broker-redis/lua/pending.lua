@@ -24,15 +24,7 @@ local out = {}
 for _, p in ipairs(redis.call(unpack(args))) do
   local id = p[1]
   local r = redis.call('XRANGE', jobs, id, id)
-  local jid = false
-  if r[1] and type(r[1][2]) == 'table' then
-    local fields = r[1][2]
-    for i = 1, #fields, 2 do
-      if fields[i] == 'j' then
-        jid = fields[i + 1]
-      end
-    end
-  end
+  local jid = r[1] and field(r[1][2], 'j')
   local s = jid and redis.call('HMGET', base .. 'job:' .. jid, 'st', 'att', 'e', 'node', 'worker')
   if s and s[1] == 'l' and s[3] == id then
     for _, v in ipairs({ jid, s[2], id, s[4], s[5] }) do

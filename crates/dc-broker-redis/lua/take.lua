@@ -28,15 +28,8 @@ while taken < want and drops < 100 do
     break
   end
   for _, entry in ipairs(got[1][2]) do
-    local id, fields = entry[1], entry[2]
-    local jid = false
-    if type(fields) == 'table' then
-      for i = 1, #fields, 2 do
-        if fields[i] == 'j' then
-          jid = fields[i + 1]
-        end
-      end
-    end
+    local id = entry[1]
+    local jid = field(entry[2], 'j')
     local job = jid and (base .. 'job:' .. jid)
     local s = job and redis.call('HMGET', job, 'st', 'e', 'upd', 'n', 'len', 'att', 'm', 'c0')
     if s and s[1] == 'q' and s[2] == id then
@@ -77,13 +70,4 @@ if taken > 0 then
   redis.call('HINCRBY', KEYS[1], 'r', taken)
   return out
 end
-local last = '0-0'
-if redis.call('EXISTS', jobs) == 1 then
-  local info = redis.call('XINFO', 'STREAM', jobs)
-  for i = 1, #info, 2 do
-    if info[i] == 'last-generated-id' then
-      last = info[i + 1]
-    end
-  end
-end
-return { 0, last, loglen }
+return { 0, last_id(jobs), loglen }

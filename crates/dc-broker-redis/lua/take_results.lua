@@ -14,31 +14,18 @@ local base = ARGV[1]
 local results = base .. 'results'
 local got = redis.call('XRANGE', results, '-', '+', 'COUNT', ARGV[2])
 if #got == 0 then
-  local last = '0-0'
-  if redis.call('EXISTS', results) == 1 then
-    local info = redis.call('XINFO', 'STREAM', results)
-    for i = 1, #info, 2 do
-      if info[i] == 'last-generated-id' then
-        last = info[i + 1]
-      end
-    end
-  end
-  return { 0, last }
+  return { 0, last_id(results) }
 end
 local out = { 1, got[#got][1] }
 local ids = {}
 for _, entry in ipairs(got) do
   ids[#ids + 1] = entry[1]
-  local f = {}
-  if type(entry[2]) == 'table' then
-    for i = 1, #entry[2], 2 do
-      f[entry[2][i]] = entry[2][i + 1]
-    end
-  end
-  local jid = f['j'] or false
-  if jid and f['o'] then
+  local jid = field(entry[2], 'j')
+  local output = field(entry[2], 'o')
+  if jid and output then
     -- The output came inline in the notice.
-    table.insert(out, { jid, 'd', '', f['a'], '', 1, f['len'], f['o'], {} })
+    local attempts, len = field(entry[2], 'a'), field(entry[2], 'len')
+    table.insert(out, { jid, 'd', '', attempts, '', 1, len, output, {} })
   elseif jid then
     local key = base .. 'out:' .. jid
     local hist = base .. 'hist:' .. jid

@@ -49,7 +49,8 @@ const PURGE_EVERY: u64 = 32;
 /// How long a lease holder's presence connection must be missing before its leases go.
 const NODE_GONE_AFTER: Duration = Duration::from_millis(400);
 
-/// The Lua scripts, one per atomic step (see `lua/*.lua`).
+/// The Lua scripts, one per atomic step (see `lua/*.lua`); those that need them get the
+/// helpers of `lua/lib.lua` prepended.
 struct Scripts {
     open_session: Script,
     keep_alive: Script,
@@ -76,19 +77,31 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     keep_alive: Script::new(include_str!("../lua/keep_alive.lua")),
     close_session: Script::new(include_str!("../lua/close_session.lua")),
     submit: Script::new(include_str!("../lua/submit.lua")),
-    take: Script::new(include_str!("../lua/take.lua")),
+    take: Script::new(concat!(
+        include_str!("../lua/lib.lua"),
+        include_str!("../lua/take.lua")
+    )),
     renew: Script::new(include_str!("../lua/renew.lua")),
-    pending: Script::new(include_str!("../lua/pending.lua")),
+    pending: Script::new(concat!(
+        include_str!("../lua/lib.lua"),
+        include_str!("../lua/pending.lua")
+    )),
     end_attempt: Script::new(include_str!("../lua/end_attempt.lua")),
     complete: Script::new(include_str!("../lua/complete.lua")),
-    take_results: Script::new(include_str!("../lua/take_results.lua")),
+    take_results: Script::new(concat!(
+        include_str!("../lua/lib.lua"),
+        include_str!("../lua/take_results.lua")
+    )),
     publish_update: Script::new(include_str!("../lua/publish_update.lua")),
     read_updates: Script::new(include_str!("../lua/read_updates.lua")),
     stats: Script::new(include_str!("../lua/stats.lua")),
     heartbeat: Script::new(include_str!("../lua/heartbeat.lua")),
     nodes: Script::new(include_str!("../lua/nodes.lua")),
     report_problem: Script::new(include_str!("../lua/report_problem.lua")),
-    active: Script::new(include_str!("../lua/active.lua")),
+    active: Script::new(concat!(
+        include_str!("../lua/lib.lua"),
+        include_str!("../lua/active.lua")
+    )),
     sessions: Script::new(include_str!("../lua/sessions.lua")),
 });
 
@@ -1316,20 +1329,6 @@ impl Broker for RedisBroker {
             .arg(to_cbor(&problem)?);
         self.run_in(session, &inv).await?;
         Ok(())
-    }
-
-    async fn take_job(
-        &self,
-        session: &SessionId,
-        node: &NodeId,
-        worker: &WorkerId,
-        wait: Duration,
-    ) -> Result<Option<LeasedJob>, BrokerError> {
-        Ok(self
-            .take_jobs(session, node, worker, 1, wait)
-            .await?
-            .into_iter()
-            .next())
     }
 
     async fn take_jobs(

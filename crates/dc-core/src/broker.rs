@@ -487,23 +487,11 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
         session: &SessionId,
         problem: NodeProblem,
     ) -> Result<(), BrokerError>;
-    /// Lease the next job for `worker` on `node`, waiting up to `wait` (returns early with
-    /// `None` when an update is published, so idle workers apply it sooner; backends that cannot
-    /// watch both may wait the full `wait`).
-    ///
-    /// # Errors
-    /// [`BrokerError::SessionGone`] once the session closed.
-    async fn take_job(
-        &self,
-        session: &SessionId,
-        node: &NodeId,
-        worker: &WorkerId,
-        wait: Duration,
-    ) -> Result<Option<LeasedJob>, BrokerError>;
-    /// Lease up to `max` queued jobs for `worker` at once, in queue order: at least one when
-    /// any is queued, waiting up to `wait` for the first as [`Broker::take_job`] does. The
-    /// node runs them one after another; each keeps its own lease and outcome. Backends may
-    /// return fewer (the default takes one, with `take_job`).
+    /// Lease up to `max` queued jobs for `worker` on `node` at once, in queue order: at least
+    /// one when any is queued, waiting up to `wait` for the first (returns early with none when
+    /// an update is published, so idle workers apply it sooner; backends that cannot watch both
+    /// may wait the full `wait`). The node runs them one after another; each keeps its own lease
+    /// and outcome.
     ///
     /// # Errors
     /// [`BrokerError::SessionGone`] once the session closed.
@@ -514,13 +502,23 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
         worker: &WorkerId,
         max: usize,
         wait: Duration,
-    ) -> Result<Vec<LeasedJob>, BrokerError> {
-        let _ = max;
+    ) -> Result<Vec<LeasedJob>, BrokerError>;
+    /// Lease the next job: [`Broker::take_jobs`] with `max` 1.
+    ///
+    /// # Errors
+    /// [`BrokerError::SessionGone`] once the session closed.
+    async fn take_job(
+        &self,
+        session: &SessionId,
+        node: &NodeId,
+        worker: &WorkerId,
+        wait: Duration,
+    ) -> Result<Option<LeasedJob>, BrokerError> {
         Ok(self
-            .take_job(session, node, worker, wait)
+            .take_jobs(session, node, worker, 1, wait)
             .await?
             .into_iter()
-            .collect())
+            .next())
     }
     /// Record an attempt's outcome: a result (`Ok`) or the worker's error (`Err`, not retried).
     async fn complete(&self, lease: &Lease, outcome: Outcome) -> Result<Completion, BrokerError>;

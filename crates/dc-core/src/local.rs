@@ -532,20 +532,6 @@ impl Broker for LocalBroker {
         Ok(())
     }
 
-    async fn take_job(
-        &self,
-        session: &SessionId,
-        node: &NodeId,
-        worker: &WorkerId,
-        wait: Duration,
-    ) -> Result<Option<LeasedJob>, BrokerError> {
-        Ok(self
-            .take_jobs(session, node, worker, 1, wait)
-            .await?
-            .into_iter()
-            .next())
-    }
-
     async fn take_jobs(
         &self,
         session: &SessionId,
