@@ -196,6 +196,15 @@ impl Row {
         }
     }
 
+    /// A figure that was not measured, and why.
+    fn skipped(workload: &'static str, metric: &str, why: impl Into<String>) -> Self {
+        Row {
+            value: None,
+            ..Row::new(workload, metric, 0.0)
+        }
+        .note(why)
+    }
+
     fn ratio(mut self, ratio: f64) -> Self {
         self.ratio = Some(ratio);
         self
@@ -457,22 +466,18 @@ async fn run_local(report: &mut Report, sizes: Sizes) -> Result<(), BoxError> {
             let _ = redis.terminate().await;
             push_baselines(report, baselines?, "throwaway dedicated redis-server");
         }
-        Err(e) => report.push(
-            Row {
-                value: None,
-                ..Row::new("baseline", "none", 0.0)
-            }
-            .note(format!("no baselines: cannot start a redis-server ({e})")),
-        ),
+        Err(e) => report.push(Row::skipped(
+            "baseline",
+            "none",
+            format!("no baselines: cannot start a redis-server ({e})"),
+        )),
     }
     pool_workloads(report, sizes, &PoolTarget::Local).await?;
-    report.push(
-        Row {
-            value: None,
-            ..Row::new("W5", "failover_s", 0.0)
-        }
-        .note("not run in local mode: needs node processes on a Redis (use --broker redis)"),
-    );
+    report.push(Row::skipped(
+        "W5",
+        "failover_s",
+        "not run in local mode: needs node processes on a Redis (use --broker redis)",
+    ));
     for row in scale {
         report.push(row);
     }
@@ -588,11 +593,7 @@ async fn run_redis_workloads(
     match failover {
         Some(f) => failover_workloads(report, f).await?,
         None => report.push(
-            Row {
-                value: None,
-                ..Row::new("W5", "failover_s", 0.0)
-            }
-            .note("not run against an existing Redis: node processes use the default key prefix (use --broker redis)"),
+            Row::skipped("W5", "failover_s", "not run against an existing Redis: node processes use the default key prefix (use --broker redis)"),
         ),
     }
     for row in scale {

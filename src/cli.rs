@@ -391,13 +391,7 @@ async fn run_start_node(cmd: StartNode, program: &str) -> Result<ExitCode, Strin
         options = options.node(|_| node);
         let mut head = match start_head_node(options).await {
             Ok(head) => head,
-            Err(NodeError::AlreadyRunning { pid, dir }) => {
-                println!(
-                    "a node is already running here (pid {pid}, state dir {}); nothing to do",
-                    dir.display()
-                );
-                return Ok(ExitCode::SUCCESS);
-            }
+            Err(NodeError::AlreadyRunning { pid, dir }) => return Ok(already_running(&pid, &dir)),
             Err(e) => return Err(e.to_string()),
         };
         print_worker_command(program, config.port, &password);
@@ -410,13 +404,7 @@ async fn run_start_node(cmd: StartNode, program: &str) -> Result<ExitCode, Strin
 
     let mut handle = match start_node(node).await {
         Ok(handle) => handle,
-        Err(NodeError::AlreadyRunning { pid, dir }) => {
-            println!(
-                "a node is already running here (pid {pid}, state dir {}); nothing to do",
-                dir.display()
-            );
-            return Ok(ExitCode::SUCCESS);
-        }
+        Err(NodeError::AlreadyRunning { pid, dir }) => return Ok(already_running(&pid, &dir)),
         Err(e) => return Err(e.to_string()),
     };
     tokio::select! {
@@ -677,4 +665,13 @@ fn run_devices(cmd: Devices) -> Result<ExitCode, String> {
         println!("      worker env: {}", env.join(" "));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A second start in a state dir whose node runs: say so and exit peacefully (as the seed does).
+fn already_running(pid: &str, dir: &std::path::Path) -> ExitCode {
+    println!(
+        "a node is already running here (pid {pid}, state dir {}); nothing to do",
+        dir.display()
+    );
+    ExitCode::SUCCESS
 }

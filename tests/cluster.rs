@@ -321,25 +321,7 @@ async fn status_json_shows_the_cluster_and_second_start_is_peaceful() -> TestRes
     let pool = pool(port, "status").await?;
     check!(wait_workers(&pool, 3, 2).await, "3 workers on 2 nodes");
     let exe = std::env::current_exe()?;
-    let out = tokio::process::Command::new(&exe)
-        .env(ROLE, "cli")
-        .env("DC_PASSWORD", PASSWORD)
-        .args([
-            "status",
-            "-a",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "--json",
-        ])
-        .output()
-        .await?;
-    check!(
-        out.status.success(),
-        "status failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let json = common::cluster::status_json(port).await?;
     let nodes = json["nodes"].as_array().ok_or("no nodes array")?;
     check!(
         nodes.len() == 2,

@@ -250,13 +250,7 @@ pub async fn pool_with_lease(
 }
 
 /// This machine's host name, as nodes use it in their ids.
-pub fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "localhost".into())
-}
+pub use distributed_computing::agent::host_name;
 
 impl NodeProc {
     /// The node process's pid (while it has not been reaped).

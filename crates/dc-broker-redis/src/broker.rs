@@ -130,8 +130,9 @@ struct Inner {
     /// Where each worker's last look at its session's job stream ended: a blocking take
     /// starts waiting from there at once (one round trip instead of a look, then a wait).
     job_cursors: std::sync::Mutex<HashMap<WorkerId, Cursor>>,
-    /// The same for the pool's reads of its session's results stream.
-    result_cursor: std::sync::Mutex<Option<Cursor>>,
+    /// The same for the pool's reads of its session's results stream: the session and the
+    /// last notice id seen.
+    result_cursor: std::sync::Mutex<Option<(SessionId, String)>>,
 }
 
 /// A stream position seen in a session: entries after `last` are new; `log_len` updates had
@@ -1093,8 +1094,8 @@ impl Broker for RedisBroker {
             .arg(self.inline_max());
         let cursor = lock(&self.inner.result_cursor)
             .as_ref()
-            .filter(|c| c.session == *session)
-            .map(|c| c.last.clone());
+            .filter(|(s, _)| s == session)
+            .map(|(_, last)| last.clone());
         let mut reply = match cursor {
             Some(last) if !wait.is_zero() => {
                 self.wait_then_run(session, &[&results_key], &[&last], wait, &inv)
@@ -1106,11 +1107,7 @@ impl Broker for RedisBroker {
             let mut items = array(reply)?.into_iter();
             let flag = int(&items.next().ok_or_else(|| bad("empty reply"))?)?;
             let last = string(items.next().ok_or_else(|| bad("no stream id"))?)?;
-            *lock(&self.inner.result_cursor) = Some(Cursor {
-                session: session.clone(),
-                last: last.clone(),
-                log_len: 0,
-            });
+            *lock(&self.inner.result_cursor) = Some((session.clone(), last.clone()));
             if flag == 1 {
                 let mut got = Vec::new();
                 let mut first_error = None;

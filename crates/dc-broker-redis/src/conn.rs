@@ -150,20 +150,11 @@ impl Conns {
         let conn = match reused {
             Some(conn) => conn,
             None => {
-                let config = AsyncConnectionConfig::new()
-                    .set_connection_timeout(Some(self.connect_timeout))
-                    .set_response_timeout(Some(match kind {
-                        Kind::Blocking => BLOCK_SLACK,
-                        Kind::Bulk => BULK_TIMEOUT,
-                    }));
-                let made = tokio::time::timeout(
-                    self.connect_timeout + Duration::from_millis(100),
-                    self.client
-                        .get_multiplexed_async_connection_with_config(&config),
-                )
-                .await
-                .map_err(|_| self.timed_out())?;
-                made.map_err(|e| self.error(e))?
+                self.connect(match kind {
+                    Kind::Blocking => BLOCK_SLACK,
+                    Kind::Bulk => BULK_TIMEOUT,
+                })
+                .await?
             }
         };
         Ok(Dedicated {
@@ -176,17 +167,7 @@ impl Conns {
     /// A new connection of its own, named with `CLIENT SETNAME` so that the server (and
     /// `CLIENT LIST`) can tell whose it is; it closes when its holder's process dies.
     pub(crate) async fn named(&self, name: &str) -> Result<MultiplexedConnection, BrokerError> {
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.connect_timeout))
-            .set_response_timeout(Some(CONTROL_TIMEOUT));
-        let made = tokio::time::timeout(
-            self.connect_timeout + Duration::from_millis(100),
-            self.client
-                .get_multiplexed_async_connection_with_config(&config),
-        )
-        .await
-        .map_err(|_| self.timed_out())?;
-        let mut conn = made.map_err(|e| self.error(e))?;
+        let mut conn = self.connect(CONTROL_TIMEOUT).await?;
         redis::cmd("CLIENT")
             .arg("SETNAME")
             .arg(name)
@@ -194,6 +175,24 @@ impl Conns {
             .await
             .map_err(|e| self.error(e))?;
         Ok(conn)
+    }
+
+    /// A new connection, within the connect timeout.
+    async fn connect(
+        &self,
+        response_timeout: Duration,
+    ) -> Result<MultiplexedConnection, BrokerError> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.connect_timeout))
+            .set_response_timeout(Some(response_timeout));
+        let made = tokio::time::timeout(
+            self.connect_timeout + Duration::from_millis(100),
+            self.client
+                .get_multiplexed_async_connection_with_config(&config),
+        )
+        .await
+        .map_err(|_| self.timed_out())?;
+        made.map_err(|e| self.error(e))
     }
 
     /// Set a blocking connection's response timeout for a read that blocks up to `wait`.

@@ -654,12 +654,16 @@ struct Pace {
 }
 
 impl Pace {
-    fn note(avg: &mut Option<f64>, d: Duration) {
-        let x = d.as_secs_f64() * 1e6;
+    /// Fold `x` into a moving average.
+    fn note(avg: &mut Option<f64>, x: f64) {
         *avg = Some(match *avg {
             Some(a) => 0.8 * a + 0.2 * x,
             None => x,
         });
+    }
+
+    fn note_us(avg: &mut Option<f64>, d: Duration) {
+        Pace::note(avg, d.as_secs_f64() * 1e6);
     }
 
     /// Jobs to hold taken ahead of the running one: about two round trips' worth of jobs, so
@@ -790,7 +794,7 @@ impl<'a> Flow<'a> {
                 leases.remove(&(self.slot, *job));
             }
         }
-        self.pace_io(ex.took);
+        Pace::note_us(&mut self.pace.io_us, ex.took);
         match ex.taken {
             Ok(jobs) => self.hold(jobs),
             Err(BrokerError::SessionGone(_)) => self.gone = true,
@@ -800,19 +804,11 @@ impl<'a> Flow<'a> {
         }
     }
 
-    fn pace_io(&mut self, took: Duration) {
-        Pace::note(&mut self.pace.io_us, took);
-    }
-
     /// Hold newly leased jobs (their leases renewed from now on).
     fn hold(&mut self, jobs: Vec<LeasedJob>) {
         let mut leases = lock(&self.shared.leases);
         for job in jobs {
-            let size = job.payload.len() as f64;
-            self.pace.payload = Some(match self.pace.payload {
-                Some(avg) => 0.8 * avg + 0.2 * size,
-                None => size,
-            });
+            Pace::note(&mut self.pace.payload, job.payload.len() as f64);
             leases.insert((self.slot, job.lease.job), job.lease.clone());
             self.ahead.push_back(job);
         }
@@ -1004,7 +1000,7 @@ async fn serve_flow<'a>(
         }
         match step {
             JobStep::Done(outcome) => {
-                Pace::note(&mut flow.pace.job_us, started.elapsed());
+                Pace::note_us(&mut flow.pace.job_us, started.elapsed());
                 flow.done.push((job.lease, outcome));
             }
             JobStep::Cancelled => {

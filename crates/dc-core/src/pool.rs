@@ -498,10 +498,7 @@ impl Shared {
                 Err(e) => {
                     failures += 1;
                     tracing::warn!(error = %e, "recovering the pool session failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(
-                        (100u64 << failures.min(5)).min(3_000),
-                    ))
-                    .await;
+                    retry_pause(failures).await;
                 }
             }
         }
@@ -939,6 +936,14 @@ impl<W: Worker> Drop for Imap<W> {
     }
 }
 
+/// The pause before retrying after `failures` failures in a row: 200 ms doubling, at most 3 s.
+async fn retry_pause(failures: u32) {
+    tokio::time::sleep(Duration::from_millis(
+        (100u64 << failures.min(5)).min(3_000),
+    ))
+    .await;
+}
+
 /// Read results from the broker and hand each to the call waiting for it.
 async fn dispatch_results(shared: Arc<Shared>) {
     let mut failures = 0u32;
@@ -961,10 +966,7 @@ async fn dispatch_results(shared: Arc<Shared>) {
             Err(e) => {
                 failures += 1;
                 tracing::warn!(error = %e, "reading results failed; retrying");
-                tokio::time::sleep(Duration::from_millis(
-                    (100u64 << failures.min(5)).min(3_000),
-                ))
-                .await;
+                retry_pause(failures).await;
             }
         }
     }

@@ -501,8 +501,8 @@ mod tests {
         longer.push(0);
         assert_eq!(split_result(&longer), None);
         for cut in 0..whole.len() - 4 {
-            let _ = split_result(&whole[4..4 + cut]);
-            let _ = split_job(&whole[4..4 + cut]);
+            assert_eq!(split_result(&whole[4..4 + cut]), None, "cut at {cut}");
+            assert_eq!(split_job(&whole[4..4 + cut]), None, "cut at {cut}");
         }
     }
 
