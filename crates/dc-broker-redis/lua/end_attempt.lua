@@ -4,7 +4,8 @@
 -- Fenced: nothing happens unless the job is still leased under this attempt, entry and node.
 -- KEYS[1] session meta.
 -- ARGV: 1 session key base, 2 job id, 3 attempt, 4 entry id, 5 node, 6 attempt record (CBOR),
---       7 "1" when the attempt counts as a failure, 8 "lease" to act only when the entry is
+--       7 "1" when the attempt counts as a failure, "r" when the job is handed back unstarted
+--       (no record, no failure, and its next lease reuses this attempt number), else "0"; 8 "lease" to act only when the entry is
 --       idle past the session's lease (the reaper) or "any", 9 message if it fails for good,
 --       10 failure kind (CBOR) if it fails for good.
 -- Returns "stale", "requeued" or "failed". Error DCGONE when the session does not exist.
@@ -26,14 +27,20 @@ if ARGV[8] == 'lease' then
     return 'stale'
   end
 end
+redis.call('XACK', jobs, 'w', ARGV[4])
+redis.call('XDEL', jobs, ARGV[4])
+redis.call('HINCRBY', KEYS[1], 'r', -1)
+if ARGV[7] == 'r' then
+  local id = redis.call('XADD', jobs, '*', 'j', jid)
+  redis.call('HSET', job, 'st', 'q', 'e', id, 'att', tonumber(s[2]) - 1)
+  redis.call('HINCRBY', KEYS[1], 'q', 1)
+  return 'requeued'
+end
 redis.call('RPUSH', base .. 'hist:' .. jid, ARGV[6])
 local fails = tonumber(redis.call('HGET', job, 'fails'))
 if ARGV[7] == '1' then
   fails = redis.call('HINCRBY', job, 'fails', 1)
 end
-redis.call('XACK', jobs, 'w', ARGV[4])
-redis.call('XDEL', jobs, ARGV[4])
-redis.call('HINCRBY', KEYS[1], 'r', -1)
 if fails >= tonumber(redis.call('HGET', KEYS[1], 'max')) then
   local out = base .. 'out:' .. jid
   redis.call('HSET', job, 'st', 'f')

@@ -598,7 +598,11 @@ impl RedisBroker {
         idle_check: bool,
     ) -> Result<Abandoned, BrokerError> {
         let message = end.to_string();
-        let counts = end.counts_as_failure();
+        let charge = match &end {
+            AttemptEnd::Returned => "r",
+            end if end.counts_as_failure() => "1",
+            _ => "0",
+        };
         let record = to_cbor(&AttemptRecord {
             attempt: held.attempt,
             node: held.node.clone(),
@@ -613,7 +617,7 @@ impl RedisBroker {
             .arg(&held.entry)
             .arg(&held.node.0)
             .arg(record)
-            .arg(if counts { "1" } else { "0" })
+            .arg(charge)
             .arg(if idle_check { "lease" } else { "any" })
             .arg(message)
             .arg(to_cbor(&JobFailure::Exhausted)?);

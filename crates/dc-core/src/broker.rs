@@ -174,12 +174,20 @@ pub enum AttemptEnd {
     NodeGone,
     /// The node left on purpose while holding the job (not counted as a failure).
     NodeLeft,
+    /// The node handed the job back before starting it, so that another worker can run it
+    /// sooner. Not a failure and not an attempt: no history record is kept, the job's next
+    /// lease carries the same attempt number again, and it is queued behind the jobs already
+    /// waiting.
+    Returned,
 }
 
 impl AttemptEnd {
     /// Whether this ending counts toward `max_attempts`.
     pub fn counts_as_failure(&self) -> bool {
-        !matches!(self, AttemptEnd::Completed | AttemptEnd::NodeLeft)
+        !matches!(
+            self,
+            AttemptEnd::Completed | AttemptEnd::NodeLeft | AttemptEnd::Returned
+        )
     }
 }
 
@@ -202,6 +210,7 @@ impl fmt::Display for AttemptEnd {
                 f.write_str("node process gone (its broker connections closed)")
             }
             AttemptEnd::NodeLeft => f.write_str("node left"),
+            AttemptEnd::Returned => f.write_str("handed back before it started"),
         }
     }
 }
@@ -537,6 +546,11 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
         Ok(answers)
     }
     /// Hand a lease back after a failed attempt; the job is retried or fails for good.
+    ///
+    /// With [`AttemptEnd::Returned`] the job was never started: it is queued again behind the
+    /// jobs already waiting (several returned in one order stay in that order), its next lease
+    /// has the same attempt number, and nothing is added to its history. The returned lease is
+    /// fenced all the same: a result sent under it is discarded.
     async fn abandon(&self, lease: &Lease, end: AttemptEnd) -> Result<Abandoned, BrokerError>;
     /// Updates after `after`, in order, at most `max`.
     async fn read_updates(

@@ -66,6 +66,8 @@ struct Session {
     problems: Vec<NodeProblem>,
     done: usize,
     failed: usize,
+    /// Serial of the last lease handed out.
+    last_lease: u64,
 }
 
 #[derive(Debug)]
@@ -85,6 +87,9 @@ enum JobState {
         node: NodeId,
         worker: WorkerId,
         renewed: Instant,
+        /// This lease's serial (its `Lease::token`): a job handed back and leased again keeps
+        /// its attempt number, so the number alone does not tell two leases apart.
+        serial: u64,
     },
     Finished,
 }
@@ -183,6 +188,13 @@ impl Session {
         let Some(entry) = self.jobs.get_mut(&job) else {
             return Abandoned::Stale;
         };
+        if record.end == AttemptEnd::Returned {
+            // Never started: not an attempt, nothing to record; behind the waiting jobs.
+            entry.attempt = entry.attempt.saturating_sub(1);
+            entry.state = JobState::Queued;
+            self.queue.push_back(job);
+            return Abandoned::Requeued;
+        }
         if record.end.counts_as_failure() {
             entry.failures += 1;
         }
@@ -220,10 +232,13 @@ impl Session {
 }
 
 impl JobEntry {
-    /// Whether `lease` is this job's current lease (same attempt, same node, still leased).
+    /// Whether `lease` is this job's current lease (same attempt, node and serial, still
+    /// leased).
     fn holds(&self, lease: &Lease) -> bool {
-        matches!(&self.state, JobState::Leased { node, .. }
-            if self.attempt == lease.attempt && *node == lease.node)
+        matches!(&self.state, JobState::Leased { node, serial, .. }
+            if self.attempt == lease.attempt
+                && *node == lease.node
+                && lease.token.parse::<u64>() == Ok(*serial))
     }
 }
 
@@ -261,6 +276,7 @@ impl Broker for LocalBroker {
                     problems: Vec::new(),
                     done: 0,
                     failed: 0,
+                    last_lease: 0,
                 },
             );
             st.active = Some(id);
@@ -405,6 +421,7 @@ impl Broker for LocalBroker {
                             node,
                             worker,
                             renewed,
+                            ..
                         } if now.duration_since(*renewed) > lease => {
                             Some((*id, j.attempt, node.clone(), worker.clone()))
                         }
@@ -559,10 +576,12 @@ impl Broker for LocalBroker {
                         continue;
                     }
                     entry.attempt += 1;
+                    s.last_lease += 1;
                     entry.state = JobState::Leased {
                         node: node.clone(),
                         worker: worker.clone(),
                         renewed: Instant::now(),
+                        serial: s.last_lease,
                     };
                     taken.push(LeasedJob {
                         lease: Lease {
@@ -571,7 +590,7 @@ impl Broker for LocalBroker {
                             attempt: entry.attempt,
                             node: node.clone(),
                             worker: worker.clone(),
-                            token: String::new(),
+                            token: s.last_lease.to_string(),
                         },
                         payload: entry.payload.clone(),
                         update_seq: entry.update_seq,

@@ -50,6 +50,7 @@ macro_rules! broker_conformance_tests {
             results_are_handed_out_once,
             take_jobs_leases_a_batch_once_each,
             complete_many_records_each_outcome,
+            returned_jobs_queue_again_unstarted,
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {
@@ -773,4 +774,72 @@ pub async fn complete_many_records_each_outcome(broker: Arc<dyn Broker>) {
         .await
         .expect("take_results");
     assert!(more.is_empty(), "a result was handed out twice: {more:?}");
+}
+
+/// Jobs handed back unstarted ([`AttemptEnd::Returned`]) queue again behind the waiting jobs,
+/// in the order they were returned, with the same attempt number, no failure charged and no
+/// history; the returned lease is fenced. A stale return changes nothing.
+pub async fn returned_jobs_queue_again_unstarted(broker: Arc<dyn Broker>) {
+    let s = open(broker.as_ref(), Duration::from_secs(30), 1).await;
+    broker.submit(&s.id, jobs(0..5)).await.expect("submit");
+    let (n, w) = (node("n"), worker("n", 0));
+    let mut held = Vec::new();
+    while held.len() < 3 {
+        let batch = broker
+            .take_jobs(&s.id, &n, &w, 3 - held.len(), SHORT)
+            .await
+            .expect("take_jobs");
+        assert!(!batch.is_empty(), "jobs still queued");
+        held.extend(batch);
+    }
+    assert_eq!(
+        held.iter().map(|j| j.lease.job.0).collect::<Vec<_>>(),
+        vec![0, 1, 2]
+    );
+    // Returned in the order 2, 0 (1 is kept): the queue is then 3, 4, 2, 0.
+    for i in [2, 0] {
+        let back = broker
+            .abandon(&held[i].lease, AttemptEnd::Returned)
+            .await
+            .expect("return");
+        assert_eq!(back, Abandoned::Requeued);
+    }
+    let again = broker
+        .abandon(&held[2].lease, AttemptEnd::Returned)
+        .await
+        .expect("return again");
+    assert_eq!(again, Abandoned::Stale, "a lease returned twice");
+    let stats = broker.session_stats(&s.id).await.expect("stats");
+    assert_eq!((stats.queued, stats.running), (4, 1), "{stats:?}");
+    let mut order = Vec::new();
+    let mut retaken = Vec::new();
+    while let Some(job) = take(broker.as_ref(), &s.id, "m").await {
+        order.push(job.lease.job.0);
+        assert_eq!(
+            job.lease.attempt, 1,
+            "job {} was returned, not attempted",
+            job.lease.job
+        );
+        retaken.push(job);
+    }
+    assert_eq!(order, vec![3, 4, 2, 0], "returned jobs queue behind the waiting ones");
+    // The returned lease of job 2 is fenced: its result is discarded, the new lease's counts.
+    let late = broker
+        .complete(&held[2].lease, Ok(Bytes::from_static(b"returned")))
+        .await
+        .expect("complete");
+    assert_eq!(late, Completion::Discarded);
+    for job in retaken.iter().chain(std::iter::once(&held[1])) {
+        let answer = broker
+            .complete(&job.lease, Ok(Bytes::from_static(b"ok")))
+            .await
+            .expect("complete");
+        assert_eq!(answer, Completion::Accepted, "job {}", job.lease.job);
+    }
+    let results = all_results(broker.as_ref(), &s.id, 5).await;
+    assert_eq!(results.len(), 5);
+    for r in &results {
+        assert_eq!(r.attempts, 1, "job {}: {:?}", r.job, r.outcome);
+        assert_eq!(r.outcome, JobOutcome::Done(Bytes::from_static(b"ok")));
+    }
 }
