@@ -67,6 +67,9 @@ pub struct ProbeOut {
     pub cuda_device_order: Option<String>,
     pub devices: Vec<String>,
     pub bytes: Option<serde_bytes::ByteBuf>,
+    /// When `run` began and ended, in µs since the Unix epoch (this machine's clock).
+    pub started_us: u64,
+    pub ended_us: u64,
 }
 
 pub struct Probe {
@@ -94,6 +97,7 @@ impl Worker for Probe {
     }
 
     fn run(&mut self, job: ProbeJob) -> Result<ProbeOut, BoxError> {
+        let started_us = unix_us();
         let mut bytes = None;
         let value = match job {
             ProbeJob::Reverse(mut buf) => {
@@ -154,6 +158,8 @@ impl Worker for Probe {
             cuda_device_order: std::env::var("CUDA_DEVICE_ORDER").ok(),
             devices: self.ctx.devices().to_vec(),
             bytes,
+            started_us,
+            ended_us: unix_us(),
         })
     }
 
@@ -161,6 +167,14 @@ impl Worker for Probe {
         self.updates.push(update);
         Ok(())
     }
+}
+
+/// Now, in µs since the Unix epoch.
+pub fn unix_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
 }
 
 /// Append one run record (`value pid worker_id unix_ms`) in a single write, so records of

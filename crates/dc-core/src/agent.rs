@@ -629,7 +629,7 @@ async fn run_simulated_slot(
 }
 
 /// Most jobs a slot keeps sent to its worker behind the one it runs (tiny jobs only).
-const PIPE_AHEAD: usize = 4;
+const PIPE_AHEAD: usize = 1;
 /// Jobs shorter than this are pipelined to the worker whatever the broker's round trip: the
 /// agent's own turnaround between a result and the next job (tens of µs) would otherwise idle
 /// the worker, and at most `PIPE_AHEAD` such jobs wait behind another worker's.
@@ -642,9 +642,18 @@ const AHEAD_BYTES: usize = 64 << 20;
 /// run time: longer jobs gain nothing from it, and a job held ahead is one another idle worker
 /// cannot start.
 const AHEAD_MIN_RATIO: f64 = 0.05;
+/// The least time a job runs before the jobs held ahead of it are handed back: scheduling
+/// noise on a busy machine must not send a batch of tiny jobs back and forth.
+const GIVE_BACK_FLOOR: Duration = Duration::from_millis(2);
 
 /// A slot's measured pace: how long its jobs run and how long a broker exchange takes
 /// (moving averages), which set how many jobs it takes ahead.
+///
+/// The rule that keeps batching from holding work an idle worker could run: jobs are taken
+/// ahead only when they are short next to a round trip, and a slot whose running job outlives
+/// what its jobs ahead were taken for ([`Pace::give_back_after`]) hands them back to the queue
+/// at once, unstarted and uncharged, for any idle worker to take. Each job held ahead has its
+/// own lease, renewed by the heartbeat like the running one.
 #[derive(Debug, Default)]
 struct Pace {
     job_us: Option<f64>,
@@ -664,6 +673,27 @@ impl Pace {
 
     fn note_us(avg: &mut Option<f64>, d: Duration) {
         Pace::note(avg, d.as_secs_f64() * 1e6);
+    }
+
+    /// Fold in a job's run time. A job slower than the average counts at once (the estimate
+    /// becomes at least half of it), faster ones fold in slowly: a slot that meets long jobs
+    /// after tiny ones stops taking ahead from its next take on, and takes ahead again only
+    /// after a run of short jobs.
+    fn note_job(&mut self, d: Duration) {
+        let x = d.as_secs_f64() * 1e6;
+        Pace::note(&mut self.job_us, x);
+        if let Some(avg) = self.job_us.as_mut() {
+            *avg = avg.max(x / 2.0);
+        }
+    }
+
+    /// How long a job may run before the jobs held ahead of it go back to the queue: what they
+    /// were taken for (two of the job's estimated run times plus two round trips, the batch's
+    /// horizon), and at least `GIVE_BACK_FLOOR`. A job held ahead thus waits at most about this
+    /// long, then one round trip until an idle worker has it.
+    fn give_back_after(&self) -> Duration {
+        let horizon_us = 2.0 * self.job_us.unwrap_or(0.0) + 2.0 * self.io_us.unwrap_or(0.0);
+        Duration::from_secs_f64(horizon_us / 1e6).max(GIVE_BACK_FLOOR)
     }
 
     /// Jobs to hold taken ahead of the running one: about two round trips' worth of jobs, so
@@ -757,14 +787,15 @@ impl<'a> Flow<'a> {
     }
 
     /// Jobs to take now, given what is held ahead: up to the depth, and no more payload bytes
-    /// (at the jobs' average size) than `AHEAD_BYTES`.
-    fn want(&self) -> usize {
+    /// (at the jobs' average size) than `AHEAD_BYTES`; one at least when the worker has
+    /// nothing else to run (`idle`: nothing held, nothing sent behind its current job).
+    fn want(&self, idle: bool) -> usize {
         let depth = self.pace.depth(self.info.spec.auto_batching);
         let fit = match self.pace.payload {
             Some(avg) if avg >= 1.0 => ((AHEAD_BYTES as f64 / avg) as usize).max(1),
             _ => MAX_AHEAD,
         };
-        if self.ahead.is_empty() {
+        if idle && self.ahead.is_empty() {
             return depth.min(fit).max(1);
         }
         if depth == 0 || self.ahead.len() > depth / 2 || self.ahead_bytes() >= AHEAD_BYTES {
@@ -774,8 +805,9 @@ impl<'a> Flow<'a> {
     }
 
     /// Start a background exchange if one is due: outcomes to report, or jobs to top up.
-    fn start(&mut self) -> Option<futures::future::BoxFuture<'a, Exchange>> {
-        let want = if self.gone { 0 } else { self.want() };
+    /// `idle`: the worker has no job sent behind its current one.
+    fn start(&mut self, idle: bool) -> Option<futures::future::BoxFuture<'a, Exchange>> {
+        let want = if self.gone { 0 } else { self.want(idle) };
         // Nothing to report and nothing held: the idle path's blocking take is next, not a
         // look that finds the queue empty over and over.
         if self.done.is_empty() && (want == 0 || self.ahead.is_empty()) {
@@ -802,6 +834,23 @@ impl<'a> Flow<'a> {
                 tracing::debug!(worker = %self.worker_id, error = %e, "taking jobs ahead failed")
             }
         }
+    }
+
+    /// Hand every job held ahead back to the queue, in order, unstarted and uncharged (the
+    /// running job outlived what they were taken for). Their leases are renewed until the
+    /// broker has them back.
+    fn give_back(&mut self) -> futures::future::BoxFuture<'a, ()> {
+        let jobs: Vec<LeasedJob> = self.ahead.drain(..).collect();
+        let (shared, slot) = (self.shared, self.slot);
+        tracing::debug!(worker = %self.worker_id, jobs = jobs.len(), "handing jobs taken ahead back to the queue: the running job outlived them");
+        Box::pin(async move {
+            let returns = jobs.iter().map(|job| async move {
+                let lease = &job.lease;
+                report(lease, || shared.broker.abandon(lease, AttemptEnd::Returned)).await;
+                lock(&shared.leases).remove(&(slot, lease.job));
+            });
+            futures::future::join_all(returns).await;
+        })
     }
 
     /// Hold newly leased jobs (their leases renewed from now on).
@@ -843,7 +892,7 @@ async fn serve_jobs(
         flow.finish(ex);
     }
     flow.gone = true;
-    if let Some(ex) = flow.start() {
+    if let Some(ex) = flow.start(true) {
         let ex = ex.await;
         flow.finish(ex);
     }
@@ -865,6 +914,10 @@ async fn serve_flow<'a>(
     // stay in `shared.leases` until they are answered, so a slot that ends with some unanswered
     // hands them back, uncharged (`release_slot_leases`).
     let mut sent: VecDeque<LeasedJob> = VecDeque::new();
+    // Whether jobs may be sent behind the next one: not after the worker waited on the broker.
+    // The first job after a wait is run alone and timed, so a burst of long jobs that follows
+    // tiny ones never has one of them sent to wait behind another.
+    let mut pipe_ok = false;
     loop {
         // Catch up with every update this node knows of before the next job (never while a job
         // is in the worker's pipe: its answer comes first).
@@ -877,7 +930,7 @@ async fn serve_flow<'a>(
         }
         report_update_errors(shared, &info.id, worker_id, proc).await;
         if inflight.is_none() {
-            *inflight = flow.start();
+            *inflight = flow.start(sent.is_empty());
         }
         let was_sent = !sent.is_empty();
         let Some(job) = sent.pop_front().or_else(|| flow.ahead.pop_front()) else {
@@ -890,6 +943,7 @@ async fn serve_flow<'a>(
                     ex = ex => ex,
                 };
                 flow.finish(ex);
+                pipe_ok = false;
                 if flow.gone {
                     return SlotExit::Done;
                 }
@@ -901,7 +955,9 @@ async fn serve_flow<'a>(
             if flow.gone {
                 return SlotExit::Done;
             }
-            // Idle: wait for jobs.
+            // Idle: wait for jobs, and take one: it runs now and is timed before any other is
+            // held for this worker (the pool's jobs may be other than those measured so far).
+            pipe_ok = false;
             let taken = tokio::select! {
                 biased;
                 _ = cancel.changed() => return SlotExit::Done,
@@ -919,7 +975,7 @@ async fn serve_flow<'a>(
                     tracing::warn!(worker = %worker_id, "idle worker {what}: {end}; restarting it");
                     return SlotExit::Restart;
                 }
-                r = broker.take_jobs(&info.id, &shared.config.node_id, worker_id, flow.want(), shared.config.poll) => r,
+                r = broker.take_jobs(&info.id, &shared.config.node_id, worker_id, 1, shared.config.poll) => r,
             };
             match taken {
                 Ok(jobs) if jobs.is_empty() => {
@@ -950,9 +1006,14 @@ async fn serve_flow<'a>(
         // (this job's updates are applied before it runs; a later one waits for the pipe to
         // drain).
         let updated = applied.max(job.update_seq.max(job.log_len));
-        let room = PIPE_AHEAD
-            .min(flow.pace.depth(info.spec.auto_batching))
-            .saturating_sub(sent.len());
+        let room = if pipe_ok {
+            PIPE_AHEAD
+                .min(flow.pace.depth(info.spec.auto_batching))
+                .saturating_sub(sent.len())
+        } else {
+            0
+        };
+        pipe_ok = true;
         let mut next = Vec::new();
         if log.known() <= updated {
             while next.len() < room
@@ -975,22 +1036,30 @@ async fn serve_flow<'a>(
             };
             let run = run_one(shared, proc, log, &mut applied, dispatch, cancel);
             tokio::pin!(run);
-            loop {
-                let Some(ex) = inflight.as_mut() else {
-                    break run.await;
-                };
-                let answered = tokio::select! {
-                    step = &mut run => Err(step),
-                    ex = ex => Ok(ex),
-                };
-                match answered {
-                    Err(step) => break step,
-                    Ok(ex) => {
+            // Jobs held ahead go back to the queue once this one outlives what they were taken
+            // for (see `Pace`); jobs an exchange brings in after that go back as they arrive.
+            let give_back_at = started + flow.pace.give_back_after();
+            let mut returning: Option<futures::future::BoxFuture<'a, ()>> = None;
+            let step = loop {
+                tokio::select! {
+                    biased;
+                    step = &mut run => break step,
+                    ex = some_or_pending(inflight.as_mut()) => {
                         *inflight = None;
                         flow.finish(ex);
                     }
+                    () = some_or_pending(returning.as_mut()) => returning = None,
+                    () = tokio::time::sleep_until(give_back_at),
+                        if returning.is_none() && !flow.ahead.is_empty() =>
+                    {
+                        returning = Some(flow.give_back());
+                    }
                 }
+            };
+            if let Some(returning) = returning {
+                returning.await;
             }
+            step
         };
         // Jobs that could not be written are not in the worker's channel: back to the front.
         let unsent = next.split_off(written.load(Ordering::Relaxed).min(next.len()));
@@ -1000,7 +1069,7 @@ async fn serve_flow<'a>(
         }
         match step {
             JobStep::Done(outcome) => {
-                Pace::note_us(&mut flow.pace.job_us, started.elapsed());
+                flow.pace.note_job(started.elapsed());
                 flow.done.push((job.lease, outcome));
             }
             JobStep::Cancelled => {
@@ -1016,6 +1085,14 @@ async fn serve_flow<'a>(
         if sent.is_empty() && flow.ahead.is_empty() && inflight.is_none() {
             shared.set_state(slot, Some(&info.id), WorkerState::Idle);
         }
+    }
+}
+
+/// Await `f` if there is one; never finish otherwise (a `select!` branch that is off).
+async fn some_or_pending<F: std::future::Future + Unpin>(f: Option<&mut F>) -> F::Output {
+    match f {
+        Some(f) => f.await,
+        None => std::future::pending().await,
     }
 }
 

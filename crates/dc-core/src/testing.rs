@@ -822,7 +822,11 @@ pub async fn returned_jobs_queue_again_unstarted(broker: Arc<dyn Broker>) {
         );
         retaken.push(job);
     }
-    assert_eq!(order, vec![3, 4, 2, 0], "returned jobs queue behind the waiting ones");
+    assert_eq!(
+        order,
+        vec![3, 4, 2, 0],
+        "returned jobs queue behind the waiting ones"
+    );
     // The returned lease of job 2 is fenced: its result is discarded, the new lease's counts.
     let late = broker
         .complete(&held[2].lease, Ok(Bytes::from_static(b"returned")))
