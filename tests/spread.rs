@@ -74,6 +74,14 @@ enum Allow {
     OneBehind,
 }
 
+/// The longest a worker sat idle while a job still waited to start, in a round: `idle`, and
+/// for a job sent along behind another (allowed in mixed rounds), `behind`.
+#[derive(Debug, Default, Clone, Copy)]
+struct Waits {
+    idle: Duration,
+    behind: Duration,
+}
+
 /// No job of `runs` (submitted together) waited to start while one of `workers` sat idle for
 /// longer than `slack`, except as `allow` says. The round begins when its first job starts
 /// (the submission itself takes a moment).
@@ -83,7 +91,8 @@ fn check_spread(
     workers: &[String],
     slack: Duration,
     allow: Allow,
-) -> TestResult {
+) -> Result<Waits, libtest_mimic::Failed> {
+    let mut waits = Waits::default();
     let slack = slack.as_micros() as u64;
     let first = runs.iter().map(|r| r.start).min().unwrap_or(0);
     let mut by_worker: Vec<Vec<&Run>> = workers
@@ -101,11 +110,14 @@ fn check_spread(
         }
         gaps.push((idle_from, u64::MAX));
         for (a, b) in gaps {
-            if b.saturating_sub(a) <= slack {
-                continue;
-            }
-            for j in runs.iter().filter(|j| j.start > a + slack) {
+            for j in runs.iter().filter(|j| j.start > a) {
+                let waited = Duration::from_micros(j.start.min(b) - a);
                 if allow == Allow::OneBehind && sent_behind(runs, j, a + slack, slack) {
+                    waits.behind = waits.behind.max(waited);
+                    continue;
+                }
+                waits.idle = waits.idle.max(waited);
+                if j.start <= a + slack || b <= a + slack {
                     continue;
                 }
                 let ms = |t: u64| t.saturating_sub(first) as f64 / 1e3;
@@ -131,7 +143,7 @@ fn check_spread(
             }
         }
     }
-    Ok(())
+    Ok(waits)
 }
 
 /// Whether `j` started right after the run before it on its worker, and that run had started
@@ -145,14 +157,14 @@ fn sent_behind(runs: &[Run], j: &Run, by: u64, slack: u64) -> bool {
 
 /// Run `jobs` through one `map`; check values and order, then the spread (with `slack` and
 /// `allow`, unless `None`: a round of tiny jobs only sets the workers' pace). Returns the
-/// wall time.
+/// wall time and the waits seen.
 async fn round(
     pool: &Pool<Probe>,
     label: &str,
     jobs: Vec<ProbeJob>,
     workers: &[String],
     spread: Option<(Duration, Allow)>,
-) -> Result<Duration, libtest_mimic::Failed> {
+) -> Result<(Duration, Waits), libtest_mimic::Failed> {
     let n = jobs.len();
     let started = Instant::now();
     let outs = pool.map(jobs).await?;
@@ -162,10 +174,11 @@ async fn round(
         values == (0..n as i64).collect::<Vec<_>>(),
         "{label}: values out of order or lost: {values:?}"
     );
+    let mut waits = Waits::default();
     if let Some((slack, allow)) = spread {
-        check_spread(label, &runs(&outs), workers, slack, allow)?;
+        waits = check_spread(label, &runs(&outs), workers, slack, allow)?;
     }
-    Ok(wall)
+    Ok((wall, waits))
 }
 
 fn tiny(n: usize) -> Vec<ProbeJob> {

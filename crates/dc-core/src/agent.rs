@@ -628,11 +628,14 @@ async fn run_simulated_slot(
     shared.set_state(slot, None, WorkerState::Starting);
 }
 
-/// Most jobs a slot keeps sent to its worker behind the one it runs (tiny jobs only).
+/// Most jobs a slot keeps sent to its worker behind the one it runs (tiny jobs only). A job
+/// in the worker's channel cannot be handed back, so this bounds how many jobs wait behind
+/// one that turns out long: one (more gains the local pool some throughput, and makes a job
+/// wait behind several long ones when long jobs follow tiny ones in one stream).
 const PIPE_AHEAD: usize = 1;
 /// Jobs shorter than this are pipelined to the worker whatever the broker's round trip: the
 /// agent's own turnaround between a result and the next job (tens of µs) would otherwise idle
-/// the worker, and at most `PIPE_AHEAD` such jobs wait behind another worker's.
+/// the worker.
 const SHORT_JOB: Duration = Duration::from_millis(1);
 /// Most jobs a slot holds taken ahead of the one it runs (automatic batching).
 const MAX_AHEAD: usize = 64;
@@ -1181,6 +1184,12 @@ async fn run_one(
     }
 }
 
+/// How long a slot keeps retrying a report while the broker cannot be reached.
+const REPORT_PATIENCE: Duration = Duration::from_secs(60);
+/// Longest pause between two tries of a report: a slot hears that the broker is back (a link
+/// healed, a server restarted) within this, instead of idling through a long back-off.
+const REPORT_RETRY_MAX: Duration = Duration::from_secs(1);
+
 /// Call the broker until it answers or the error is not transient; the lease stays renewed by
 /// the heartbeat meanwhile, so retrying cannot lose the job.
 async fn report<T, F, Fut>(lease: &Lease, mut call: F)
@@ -1189,12 +1198,13 @@ where
     Fut: std::future::Future<Output = Result<T, BrokerError>>,
 {
     let mut tries = 0u32;
+    let deadline = tokio::time::Instant::now() + REPORT_PATIENCE;
     loop {
         match call().await {
             Ok(_) => return,
-            Err(e) if e.is_transient() && tries < 20 => {
+            Err(e) if e.is_transient() && tokio::time::Instant::now() < deadline => {
                 tries += 1;
-                tokio::time::sleep(backoff(tries)).await;
+                tokio::time::sleep(backoff(tries).min(REPORT_RETRY_MAX)).await;
             }
             Err(BrokerError::SessionGone(_)) => {
                 tracing::debug!(job = %lease.job, "the session is gone; nothing to report to");

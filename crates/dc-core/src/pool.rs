@@ -257,9 +257,10 @@ impl<W: Worker, C: Connector> PoolBuilder<W, C> {
     /// Automatic batching of tiny jobs (default on). When a worker finishes jobs much faster
     /// than a broker round trip, its node takes several jobs per round trip and reports their
     /// results together, and keeps a few taken ahead while one runs (jobs under a millisecond:
-    /// up to 4 already in the worker's channel); the depth adapts to the measured job and
+    /// one already in the worker's channel); the depth adapts to the measured job and
     /// round-trip times, and jobs that take long compared with a round trip are taken one at a
-    /// time, with nothing held back from other workers. Each job still has its own lease,
+    /// time. Nothing is held back from an idle worker: jobs held ahead go back to the queue as
+    /// soon as the running job outlives what they were taken for. Each job still has its own lease,
     /// attempts and outcome, and `map` keeps its order. Turn it off to have every job
     /// dispatched alone (each result is then reported the moment it is ready).
     pub fn auto_batching(mut self, on: bool) -> Self {
