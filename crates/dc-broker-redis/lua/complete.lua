@@ -12,32 +12,34 @@
 -- Returns one 1 (accepted) or 0 (discarded) per outcome. Error DCGONE when the session does not
 -- exist.
 local base = ARGV[1]
-local count = (#ARGV - 1) / 12
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  for k = 0, count - 1 do
+local outcomes = (#ARGV - 1) / 12
+local broken = session_error(KEYS[1], base)
+if broken then
+  for k = 0, outcomes - 1 do
     local a = 1 + 12 * k
     if ARGV[a + 11] == 's' then
       redis.call('UNLINK', ARGV[a + 12])
     end
   end
-  return redis.error_reply('DCGONE session is gone')
+  return broken
 end
 local answers = {}
 local entries = {}
 local done, failed = 0, 0
-for k = 0, count - 1 do
+for k = 0, outcomes - 1 do
   local a = 1 + 12 * k
   local jid, attempt, entry, node = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
   local record, kind, fkind, message = ARGV[a + 5], ARGV[a + 6], ARGV[a + 7], ARGV[a + 8]
   local n, len, mode, output = ARGV[a + 9], ARGV[a + 10], ARGV[a + 11], ARGV[a + 12]
   local job = base .. 'job:' .. jid
-  local s = redis.call('HMGET', job, 'st', 'att', 'e', 'node', 'm')
-  if not (s[1] == 'l' and s[2] == attempt and s[3] == entry and s[4] == node) then
+  local s = fields_of(job, 'st', 'att', 'e', 'node', 'm')
+  if not (s and s[1] == 'l' and s[2] == attempt and s[3] == entry and s[4] == node) then
     if mode == 's' then
       redis.call('UNLINK', output)
     end
     answers[k + 1] = 0
   else
+    repair(base .. 'results', 'stream')
     if kind == 'd' and mode == 'i' then
       -- A small result travels in its notice: nothing else to write, read or delete.
       redis.call('XADD', base .. 'results', '*', 'j', jid, 'a', s[2], 'len', len, 'o', output)
@@ -53,6 +55,7 @@ for k = 0, count - 1 do
     end
     local st = 'd'
     if kind == 'f' then
+      repair(base .. 'hist:' .. jid, 'list')
       redis.call('RPUSH', base .. 'hist:' .. jid, record)
       st = 'f'
       failed = failed + 1
@@ -81,12 +84,12 @@ for i = 1, #entries, 1000 do
   redis.call('XDEL', base .. 'jobs', unpack(entries, i, last))
 end
 if done > 0 then
-  redis.call('HINCRBY', KEYS[1], 'd', done)
+  bump(KEYS[1], 'd', done)
 end
 if failed > 0 then
-  redis.call('HINCRBY', KEYS[1], 'f', failed)
+  bump(KEYS[1], 'f', failed)
 end
 if done + failed > 0 then
-  redis.call('HINCRBY', KEYS[1], 'r', -(done + failed))
+  bump(KEYS[1], 'r', -(done + failed))
 end
 return answers

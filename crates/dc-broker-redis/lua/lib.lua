@@ -27,3 +27,83 @@ local function field(fields, name)
   return false
 end
 
+
+-- Everything read back from Redis may have been damaged (by a bug, a crash in another version,
+-- or anyone holding the password): a script checks a value before it computes with it, and
+-- never stops half-way on a bad one. A key of the wrong type makes its command fail, so
+-- commands on keys that may be damaged go through `redis.pcall`.
+
+-- Log a damaged value (found and worked around) in the server's log.
+local function damaged(what)
+  redis.log(redis.LOG_WARNING, 'distributed-computing: ' .. what)
+end
+
+-- A whole number >= 0 stored as plain decimal digits (at most 15, so it is exact), or nil when
+-- the value is missing or damaged.
+local function count(v)
+  if type(v) == 'string' and #v >= 1 and #v <= 15 and string.match(v, '^%d+$') then
+    return tonumber(v)
+  end
+  return nil
+end
+
+-- HMGET of a hash that may be damaged: the fields, or nil when the key is not a hash.
+local function fields_of(key, ...)
+  local r = redis.pcall('HMGET', key, ...)
+  if type(r) == 'table' and r.err then
+    damaged(key .. ' is not a hash (' .. r.err .. ')')
+    return nil
+  end
+  return r
+end
+
+-- HINCRBY on a counter that may be damaged: a value that is not an integer is reset to 0 first
+-- (and logged), so the script goes on.
+local function bump(key, name, by)
+  local v = redis.call('HGET', key, name)
+  if v and not (#v <= 18 and string.match(v, '^-?%d+$')) then
+    damaged('counter ' .. name .. ' of ' .. key .. ' was not a number; reset to 0')
+    redis.call('HSET', key, name, 0)
+  end
+  return redis.call('HINCRBY', key, name, by)
+end
+
+-- Whether the session meta `meta` is sound enough to work on: it exists and is a hash whose
+-- lease and attempt limit are numbers (and, given the session's key base, its job stream is a
+-- stream). A damaged one is reported as a session that is gone: the pool then opens a new
+-- session and submits again what it has not received. Returns the error reply, or nil.
+local function session_error(meta, base)
+  local t = redis.call('TYPE', meta)['ok']
+  if t == 'none' then
+    return redis.error_reply('DCGONE session is gone')
+  end
+  if t ~= 'hash' then
+    damaged(meta .. ' is a ' .. t .. ', not a hash: the session is treated as gone')
+    return redis.error_reply('DCGONE session is damaged')
+  end
+  local m = redis.call('HMGET', meta, 'lease', 'max')
+  if not (count(m[1]) and count(m[2])) then
+    damaged(meta .. ' has a damaged lease or attempt limit: the session is treated as gone')
+    return redis.error_reply('DCGONE session is damaged')
+  end
+  if base and redis.call('TYPE', base .. 'jobs')['ok'] ~= 'stream' then
+    damaged(base .. 'jobs is not a stream: the session is treated as gone')
+    return redis.error_reply('DCGONE session is damaged')
+  end
+  return nil
+end
+
+-- The type of `key` ('none' when it does not exist).
+local function type_of(key)
+  return redis.call('TYPE', key)['ok']
+end
+
+-- Delete `key` when it exists with another type than `want` (damaged), so that the command
+-- that follows can recreate it.
+local function repair(key, want)
+  local t = type_of(key)
+  if t ~= 'none' and t ~= want then
+    damaged(key .. ' was a ' .. t .. ', not a ' .. want .. '; deleted')
+    redis.call('UNLINK', key)
+  end
+end

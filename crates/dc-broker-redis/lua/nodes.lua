@@ -5,8 +5,16 @@
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local out = { now }
-local seen = redis.call('ZRANGEBYSCORE', KEYS[1], now - tonumber(ARGV[1]), '+inf', 'WITHSCORES')
+local seen = redis.pcall('ZRANGEBYSCORE', KEYS[1], now - tonumber(ARGV[1]), '+inf', 'WITHSCORES')
+if seen.err then
+  damaged(KEYS[1] .. ' is not a sorted set')
+  seen = {}
+end
 for i = 1, #seen, 2 do
-  table.insert(out, { seen[i], tonumber(seen[i + 1]), redis.call('GET', ARGV[2] .. seen[i]) })
+  local status = redis.pcall('GET', ARGV[2] .. seen[i])
+  if type(status) ~= 'string' then
+    status = false
+  end
+  table.insert(out, { seen[i], tonumber(seen[i + 1]), status })
 end
 return out

@@ -4,6 +4,9 @@
 --       5 key TTL ms, 6 spec mode ("i" inline / "s" staged under <base>spec already),
 --       7 inline spec CBOR, 8 spec chunk count, 9 spec length.
 -- Returns 1 when opened, 0 when another session is active.
+repair(KEYS[1], 'string')
+repair(KEYS[2], 'zset')
+repair(KEYS[3], 'stream')
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[3]) then
   return 0
 end

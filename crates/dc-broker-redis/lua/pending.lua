@@ -11,8 +11,14 @@ local base = ARGV[1]
 local jobs = base .. 'jobs'
 local args = { 'XPENDING', jobs, 'w' }
 if ARGV[2] == 'lease' then
+  local m = fields_of(KEYS[1], 'lease')
+  local lease = m and count(m[1])
+  if not lease then
+    damaged(KEYS[1] .. ' has no sound lease: its pending jobs are left alone')
+    return {}
+  end
   table.insert(args, 'IDLE')
-  table.insert(args, redis.call('HGET', KEYS[1], 'lease'))
+  table.insert(args, lease)
 end
 table.insert(args, '-')
 table.insert(args, '+')
@@ -21,11 +27,16 @@ if ARGV[3] ~= '' then
   table.insert(args, ARGV[3])
 end
 local out = {}
-for _, p in ipairs(redis.call(unpack(args))) do
+local pending = redis.pcall(unpack(args))
+if pending.err then
+  damaged(jobs .. ' cannot be read (' .. pending.err .. ')')
+  return {}
+end
+for _, p in ipairs(pending) do
   local id = p[1]
   local r = redis.call('XRANGE', jobs, id, id)
   local jid = r[1] and field(r[1][2], 'j')
-  local s = jid and redis.call('HMGET', base .. 'job:' .. jid, 'st', 'att', 'e', 'node', 'worker')
+  local s = count(jid) and fields_of(base .. 'job:' .. jid, 'st', 'att', 'e', 'node', 'worker')
   if s and s[1] == 'l' and s[3] == id then
     for _, v in ipairs({ jid, s[2], id, s[4], s[5] }) do
       table.insert(out, v)

@@ -5,14 +5,20 @@
 --       hash, renamed to updb:<seq>), 3 payload or staged key, 4 chunk count, 5 length,
 --       6 key TTL ms.
 -- Returns the update's sequence number (1, 2, 3...). Error DCGONE when the session does not exist.
-if redis.call('EXISTS', KEYS[1]) == 0 then
+local upd = ARGV[1] .. 'upd'
+local broken = session_error(KEYS[1])
+local len = not broken and redis.pcall('XLEN', upd)
+if not broken and type(len) ~= 'number' then
+  damaged(upd .. ' cannot be read: the session is treated as gone')
+  broken = redis.error_reply('DCGONE session is damaged')
+end
+if broken then
   if ARGV[2] == 's' then
     redis.call('UNLINK', ARGV[3])
   end
-  return redis.error_reply('DCGONE session is gone')
+  return broken
 end
-local upd = ARGV[1] .. 'upd'
-local seq = redis.call('XLEN', upd) + 1
+local seq = len + 1
 if ARGV[2] == 's' then
   local body = ARGV[1] .. 'updb:' .. seq
   redis.call('RENAME', ARGV[3], body)

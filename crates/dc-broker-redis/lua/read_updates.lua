@@ -4,10 +4,16 @@
 -- ARGV: 1 session key base, 2 after, 3 max, 4 byte budget.
 -- Returns a flat list of 4-tuples: seq, payload (nil when chunked), chunk count, length.
 -- Error DCGONE when the session does not exist.
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  return redis.error_reply('DCGONE session is gone')
+local broken = session_error(KEYS[1])
+if broken then
+  return broken
 end
-local got = redis.call('XRANGE', ARGV[1] .. 'upd', (tonumber(ARGV[2]) + 1) .. '-0', '+', 'COUNT', ARGV[3])
+local got = redis.pcall('XRANGE', ARGV[1] .. 'upd', (tonumber(ARGV[2]) + 1) .. '-0', '+', 'COUNT', ARGV[3])
+if got.err then
+  -- The update log is lost: the pool opens a new session and publishes it again.
+  damaged(ARGV[1] .. 'upd cannot be read (' .. got.err .. '): the session is treated as gone')
+  return redis.error_reply('DCGONE session is damaged')
+end
 local out = {}
 local bytes = 0
 for _, entry in ipairs(got) do

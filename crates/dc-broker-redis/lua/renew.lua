@@ -11,10 +11,10 @@ local base = ARGV[1]
 local jobs = base .. 'jobs'
 local renewed = 0
 for i = 3, #ARGV, 3 do
-  local s = redis.call('HMGET', base .. 'job:' .. ARGV[i], 'st', 'att', 'e', 'node')
-  if s[1] == 'l' and s[2] == ARGV[i + 1] and s[3] == ARGV[i + 2] and s[4] == ARGV[2] then
-    local p = redis.call('XPENDING', jobs, 'w', ARGV[i + 2], ARGV[i + 2], 1)
-    if p[1] and p[1][2] == ARGV[2] then
+  local s = fields_of(base .. 'job:' .. ARGV[i], 'st', 'att', 'e', 'node')
+  if s and s[1] == 'l' and s[2] == ARGV[i + 1] and s[3] == ARGV[i + 2] and s[4] == ARGV[2] then
+    local p = redis.pcall('XPENDING', jobs, 'w', ARGV[i + 2], ARGV[i + 2], 1)
+    if not p.err and p[1] and p[1][2] == ARGV[2] then
       redis.call('XCLAIM', jobs, 'w', ARGV[2], 0, ARGV[i + 2], 'JUSTID')
       renewed = renewed + 1
     end

@@ -7,12 +7,18 @@
 -- count, length, output or nil, history list}...}, or {0, last generated id of the results
 -- stream} when there is none.
 -- Error DCGONE when the session does not exist.
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  return redis.error_reply('DCGONE session is gone')
+local broken = session_error(KEYS[1])
+if broken then
+  return broken
 end
 local base = ARGV[1]
 local results = base .. 'results'
-local got = redis.call('XRANGE', results, '-', '+', 'COUNT', ARGV[2])
+local got = redis.pcall('XRANGE', results, '-', '+', 'COUNT', ARGV[2])
+if type(got) == 'table' and got.err then
+  -- Not a stream: its notices are lost; the pool submits again what it never hears of.
+  repair(results, 'stream')
+  got = {}
+end
 if #got == 0 then
   return { 0, last_id(results) }
 end
@@ -29,20 +35,26 @@ for _, entry in ipairs(got) do
   elseif jid then
     local key = base .. 'out:' .. jid
     local hist = base .. 'hist:' .. jid
-    local h = redis.call('HMGET', key, 'k', 'fk', 'a', 'm', 'n', 'len')
+    local h = fields_of(key, 'k', 'fk', 'a', 'm', 'n', 'len') or {}
     local data = false
     local history = {}
     if h[1] == 'd' then
-      if tonumber(h[5]) == 1 and tonumber(h[6]) <= tonumber(ARGV[3]) then
+      local len = count(h[6])
+      if count(h[5]) == 1 and len and len <= tonumber(ARGV[3]) then
         data = redis.call('HGET', key, 'c0')
         redis.call('UNLINK', key)
       end
     else
-      history = redis.call('LRANGE', hist, 0, -1)
+      history = redis.pcall('LRANGE', hist, 0, -1)
+      if history.err then
+        damaged(hist .. ' is not a list')
+        history = {}
+      end
       redis.call('UNLINK', key)
     end
     redis.call('UNLINK', hist)
-    table.insert(out, { jid, h[1], h[2], h[3], h[4], h[5], h[6], data, history })
+    table.insert(out, { jid, h[1] or false, h[2] or false, h[3] or false, h[4] or false,
+      h[5] or false, h[6] or false, data, history })
   else
     table.insert(out, { false })
   end

@@ -49,8 +49,8 @@ const PURGE_EVERY: u64 = 32;
 /// How long a lease holder's presence connection must be missing before its leases go.
 const NODE_GONE_AFTER: Duration = Duration::from_millis(400);
 
-/// The Lua scripts, one per atomic step (see `lua/*.lua`); those that need them get the
-/// helpers of `lua/lib.lua` prepended.
+/// The Lua scripts, one per atomic step (see `lua/*.lua`), each with the helpers of
+/// `lua/lib.lua` prepended.
 struct Scripts {
     open_session: Script,
     keep_alive: Script,
@@ -73,36 +73,78 @@ struct Scripts {
 }
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
-    open_session: Script::new(include_str!("../lua/open_session.lua")),
-    keep_alive: Script::new(include_str!("../lua/keep_alive.lua")),
-    close_session: Script::new(include_str!("../lua/close_session.lua")),
-    submit: Script::new(include_str!("../lua/submit.lua")),
+    open_session: Script::new(concat!(
+        include_str!("../lua/lib.lua"),
+        include_str!("../lua/open_session.lua")
+    )),
+    keep_alive: Script::new(concat!(
+        include_str!("../lua/lib.lua"),
+        include_str!("../lua/keep_alive.lua")
+    )),
+    close_session: Script::new(concat!(
+        include_str!("../lua/lib.lua"),
+        include_str!("../lua/close_session.lua")
+    )),
+    submit: Script::new(concat!(
+        include_str!("../lua/lib.lua"),
+        include_str!("../lua/submit.lua")
+    )),
     take: Script::new(concat!(
         include_str!("../lua/lib.lua"),
         include_str!("../lua/take.lua")
     )),
-    renew: Script::new(include_str!("../lua/renew.lua")),
+    renew: Script::new(concat!(
+        include_str!("../lua/lib.lua"),
+        include_str!("../lua/renew.lua")
+    )),
     pending: Script::new(concat!(
         include_str!("../lua/lib.lua"),
         include_str!("../lua/pending.lua")
     )),
-    end_attempt: Script::new(include_str!("../lua/end_attempt.lua")),
-    complete: Script::new(include_str!("../lua/complete.lua")),
+    end_attempt: Script::new(concat!(
+        include_str!("../lua/lib.lua"),
+        include_str!("../lua/end_attempt.lua")
+    )),
+    complete: Script::new(concat!(
+        include_str!("../lua/lib.lua"),
+        include_str!("../lua/complete.lua")
+    )),
     take_results: Script::new(concat!(
         include_str!("../lua/lib.lua"),
         include_str!("../lua/take_results.lua")
     )),
-    publish_update: Script::new(include_str!("../lua/publish_update.lua")),
-    read_updates: Script::new(include_str!("../lua/read_updates.lua")),
-    stats: Script::new(include_str!("../lua/stats.lua")),
-    heartbeat: Script::new(include_str!("../lua/heartbeat.lua")),
-    nodes: Script::new(include_str!("../lua/nodes.lua")),
-    report_problem: Script::new(include_str!("../lua/report_problem.lua")),
+    publish_update: Script::new(concat!(
+        include_str!("../lua/lib.lua"),
+        include_str!("../lua/publish_update.lua")
+    )),
+    read_updates: Script::new(concat!(
+        include_str!("../lua/lib.lua"),
+        include_str!("../lua/read_updates.lua")
+    )),
+    stats: Script::new(concat!(
+        include_str!("../lua/lib.lua"),
+        include_str!("../lua/stats.lua")
+    )),
+    heartbeat: Script::new(concat!(
+        include_str!("../lua/lib.lua"),
+        include_str!("../lua/heartbeat.lua")
+    )),
+    nodes: Script::new(concat!(
+        include_str!("../lua/lib.lua"),
+        include_str!("../lua/nodes.lua")
+    )),
+    report_problem: Script::new(concat!(
+        include_str!("../lua/lib.lua"),
+        include_str!("../lua/report_problem.lua")
+    )),
     active: Script::new(concat!(
         include_str!("../lua/lib.lua"),
         include_str!("../lua/active.lua")
     )),
-    sessions: Script::new(include_str!("../lua/sessions.lua")),
+    sessions: Script::new(concat!(
+        include_str!("../lua/lib.lua"),
+        include_str!("../lua/sessions.lua")
+    )),
 });
 
 /// A [`Broker`] on a Redis 7.0+ or Valkey server. Cheap to clone (clones share connections).
@@ -333,21 +375,47 @@ impl RedisBroker {
         finish(conn, result).map_err(|e| self.conns().error(e))
     }
 
-    /// Read `n` chunks of the hash `key`, checking they add up to `len` bytes.
+    /// Read `n` chunks of the hash `key`, checking they add up to `len` bytes. Both numbers
+    /// come from the broker, so they are checked before anything is allocated for them: at
+    /// most `MAX_PAYLOAD` bytes, at least one chunk and no more chunks than bytes, and a length
+    /// that `n` chunks the size of the first one can hold; the bytes read never run past `len`.
     async fn fetch(&self, key: &str, n: usize, len: usize) -> Result<Bytes, BrokerError> {
+        if len > MAX_PAYLOAD || n == 0 || n > len.max(1) {
+            return Err(bad(format!(
+                "{key} claims {len} bytes in {n} chunks (at most {MAX_PAYLOAD} bytes, one chunk \
+                 at least, no empty chunk)"
+            )));
+        }
         let mut conn = self.conns().dedicated(Kind::Bulk).await?;
         let result = async {
-            let mut out = BytesMut::with_capacity(len);
+            let mut out = BytesMut::new();
             for i in 0..n {
                 let chunk: Option<Vec<u8>> = redis::cmd("HGET")
                     .arg(key)
                     .arg(format!("c{i}"))
                     .query_async(conn.conn())
                     .await?;
-                match chunk {
-                    Some(c) => out.extend_from_slice(&c),
-                    None => return Ok(Err(i)),
+                let Some(c) = chunk else {
+                    return Ok(Err(format!("{key} lacks chunk {i} of {n}")));
+                };
+                if i == 0 {
+                    // Chunks all have the first one's size, but the last (which may be shorter).
+                    let most = c.len().saturating_mul(n);
+                    let least = c.len().saturating_mul(n - 1);
+                    if len > most || (n > 1 && len <= least) {
+                        return Ok(Err(format!(
+                            "{key} claims {len} bytes in {n} chunks, but its first chunk holds {}",
+                            c.len()
+                        )));
+                    }
+                    out.reserve(len);
                 }
+                if out.len() + c.len() > len {
+                    return Ok(Err(format!(
+                        "{key} holds more than the {len} bytes it claims"
+                    )));
+                }
+                out.extend_from_slice(&c);
             }
             Ok(Ok(out))
         }
@@ -359,7 +427,7 @@ impl RedisBroker {
                 "{key} holds {} bytes, {len} expected",
                 out.len()
             ))),
-            Err(i) => Err(bad(format!("{key} lacks chunk {i} of {n}"))),
+            Err(what) => Err(bad(what)),
         }
     }
 
@@ -706,41 +774,54 @@ impl RedisBroker {
         let [job, kind, failure, attempts, message, n, len, data, history] =
             take::<9>(Value::Array(fields))?;
         let job = parse_job_id(job)?;
-        let kind = opt_string(kind)?;
-        let attempts: u32 = match &attempts {
-            Value::Nil => 0,
-            v => uint(v)?,
-        };
-        let outcome = match kind.as_deref() {
-            Some("d") => match opt_bytes(data)? {
-                Some(data) => JobOutcome::Done(Bytes::from(data)),
-                None => {
-                    let key = format!("{base}out:{job}");
-                    let fetched = self.fetch(&key, uint(&n)?, uint(&len)?).await;
-                    let mut cmd;
-                    if fetched.is_ok() {
-                        cmd = redis::cmd("UNLINK");
-                        cmd.arg(&key);
-                    } else {
-                        // Put the notice back so that a retry finds the result again.
-                        cmd = redis::cmd("XADD");
-                        cmd.arg(format!("{base}results")).arg("*").arg("j").arg(job);
+        // Whatever is damaged past the job id fails that job, with what was wrong, instead of
+        // leaving its owner waiting for a result that can never be read.
+        let attempts: u32 = uint(&attempts).unwrap_or(0);
+        let outcome = async {
+            Ok(match opt_string(kind)?.as_deref() {
+                Some("d") => match opt_bytes(data)? {
+                    Some(data) => JobOutcome::Done(Bytes::from(data)),
+                    None => {
+                        let key = format!("{base}out:{job}");
+                        let fetched = self.fetch(&key, uint(&n)?, uint(&len)?).await;
+                        let mut cmd;
+                        if matches!(fetched, Ok(_) | Err(BrokerError::Protocol(_))) {
+                            cmd = redis::cmd("UNLINK");
+                            cmd.arg(&key);
+                        } else {
+                            // Put the notice back so that a retry finds the result again.
+                            cmd = redis::cmd("XADD");
+                            cmd.arg(format!("{base}results")).arg("*").arg("j").arg(job);
+                        }
+                        if let Ok(mut conn) = self.conns().control().await {
+                            let _ = cmd.query_async::<Value>(&mut conn).await;
+                        }
+                        JobOutcome::Done(fetched?)
                     }
-                    if let Ok(mut conn) = self.conns().control().await {
-                        let _ = cmd.query_async::<Value>(&mut conn).await;
-                    }
-                    JobOutcome::Done(fetched?)
+                },
+                Some("f") => JobOutcome::Failed {
+                    kind: from_cbor("a job's failure kind", &bytes(failure)?)?,
+                    message: string(message)?,
+                    history: array(history)?
+                        .into_iter()
+                        .map(|r| from_cbor("an attempt record", &bytes(r)?))
+                        .collect::<Result<_, _>>()?,
+                },
+                _ => return Err(bad("no result is recorded")),
+            })
+        }
+        .await;
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
+            Err(BrokerError::Protocol(what)) => {
+                tracing::warn!(job, %what, "a job's result in the broker is damaged; the job fails");
+                JobOutcome::Failed {
+                    kind: JobFailure::Broker,
+                    message: format!("its result in the broker is damaged: {what}"),
+                    history: Vec::new(),
                 }
-            },
-            Some("f") => JobOutcome::Failed {
-                kind: from_cbor("a job's failure kind", &bytes(failure)?)?,
-                message: string(message)?,
-                history: array(history)?
-                    .into_iter()
-                    .map(|r| from_cbor("an attempt record", &bytes(r)?))
-                    .collect::<Result<_, _>>()?,
-            },
-            _ => return Err(bad(format!("the result of job#{job} is missing"))),
+            }
+            Err(e) => return Err(e),
         };
         Ok(JobResult {
             job: JobId(job),
@@ -806,21 +887,29 @@ impl RedisBroker {
                 worker: worker.clone(),
                 token: string(entry)?,
             };
-            let payload = match opt_bytes(data)? {
-                Some(data) => Ok(Bytes::from(data)),
-                None => match string(holder) {
-                    Ok(holder) if holder.starts_with(&base) => {
-                        self.fetch(&holder, uint(&n)?, uint(&len)?).await
-                    }
-                    Ok(_) => Err(bad(format!("{}'s payload is in a foreign key", lease.job))),
-                    Err(e) => Err(e),
-                },
-            };
+            // The job's own fields (lengths, update position) may be damaged: that fails this
+            // job's attempt, not the batch.
+            let payload = async {
+                let update_seq: UpdateSeq = uint(&upd)?;
+                let payload = match opt_bytes(data)? {
+                    Some(data) => Bytes::from(data),
+                    None => match string(holder)? {
+                        holder if holder.starts_with(&base) => {
+                            self.fetch(&holder, uint(&n)?, uint(&len)?).await?
+                        }
+                        _ => {
+                            return Err(bad(format!("{}'s payload is in a foreign key", lease.job)));
+                        }
+                    },
+                };
+                Ok((payload, update_seq))
+            }
+            .await;
             match payload {
-                Ok(payload) => jobs.push(LeasedJob {
+                Ok((payload, update_seq)) => jobs.push(LeasedJob {
                     lease,
                     payload,
-                    update_seq: uint(&upd)?,
+                    update_seq,
                     log_len,
                 }),
                 Err(e) => {
@@ -1352,7 +1441,8 @@ impl Broker for RedisBroker {
             .arg(&worker.0)
             .arg(self.inline_max())
             .arg(max.clamp(1, TAKE_BATCH_JOBS))
-            .arg(TAKE_BATCH_BYTES);
+            .arg(TAKE_BATCH_BYTES)
+            .arg(to_cbor(&JobFailure::Broker)?);
         let cursor = lock(&self.inner.job_cursors)
             .get(worker)
             .filter(|c| c.session == *session)

@@ -1,6 +1,6 @@
 //! Connections to Redis: one shared multiplexed connection for scripts and small commands
-//! (made by a deadpool and kept), and free-lists of dedicated connections for blocking reads
-//! and bulk chunk transfers.
+//! (made on first use and kept), and free-lists of dedicated connections for blocking reads
+//! and bulk chunk transfers. Every connection is made within the broker's connect timeout.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -24,11 +24,10 @@ const FREE_LIST_MAX: usize = 1024;
 /// Every connection this broker opens.
 pub(crate) struct Conns {
     client: Client,
-    pool: deadpool_redis::Pool,
     /// The connection every script and small command goes through, shared by clones: a
-    /// multiplexed connection pipelines concurrent commands itself. Taken out of the pool once,
-    /// so no command pays the pool's recycle check (`UNWATCH` + `PING`, a whole round trip);
-    /// dropped on a connection error, and the next command makes a new one.
+    /// multiplexed connection pipelines concurrent commands itself. Made like the dedicated
+    /// ones, within the connect timeout; dropped on a connection error, and the next command
+    /// makes a new one.
     shared: Mutex<Option<MultiplexedConnection>>,
     blocking: Mutex<Vec<MultiplexedConnection>>,
     bulk: Mutex<Vec<MultiplexedConnection>>,
@@ -91,7 +90,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Conns {
-    /// Set up the client and the pool (nothing is connected yet).
+    /// Set up the client (nothing is connected yet).
     pub(crate) fn new(url: &str, connect_timeout: Duration) -> Result<Self, BrokerError> {
         use redis::IntoConnectionInfo;
         let target = dc_core::redact_url(url);
@@ -103,19 +102,9 @@ impl Conns {
             .into_connection_info()
             .map_err(bad_url)?
             .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
-        let client = Client::open(info.clone()).map_err(bad_url)?;
-        let manager = deadpool_redis::Manager::new(info).map_err(bad_url)?;
-        let pool = deadpool_redis::Pool::builder(manager)
-            .max_size(32)
-            .wait_timeout(Some(connect_timeout))
-            .create_timeout(Some(connect_timeout))
-            .recycle_timeout(Some(connect_timeout))
-            .runtime(deadpool_redis::Runtime::Tokio1)
-            .build()
-            .map_err(|e| BrokerError::Connection(format!("{target}: {e}")))?;
+        let client = Client::open(info).map_err(bad_url)?;
         Ok(Conns {
             client,
-            pool,
             shared: Mutex::new(None),
             blocking: Mutex::new(Vec::new()),
             bulk: Mutex::new(Vec::new()),
@@ -137,9 +126,7 @@ impl Conns {
         if let Some(conn) = lock(&self.shared).as_ref() {
             return Ok(conn.clone());
         }
-        let pooled = self.pool.get().await.map_err(|e| self.pool_error(e))?;
-        let mut conn = deadpool_redis::Connection::take(pooled);
-        conn.set_response_timeout(CONTROL_TIMEOUT);
+        let conn = self.connect(CONTROL_TIMEOUT).await?;
         // Two tasks may have connected at once: keep the first, drop the other.
         Ok(lock(&self.shared).get_or_insert(conn).clone())
     }
@@ -207,13 +194,6 @@ impl Conns {
         ))
     }
 
-    fn pool_error(&self, e: deadpool_redis::PoolError) -> BrokerError {
-        match e {
-            deadpool_redis::PoolError::Backend(e) => self.error(e),
-            other => BrokerError::Connection(format!("{}: {other}", self.target)),
-        }
-    }
-
     /// Classify a Redis error: auth, connection trouble (transient), session gone, or protocol.
     pub(crate) fn error(&self, e: RedisError) -> BrokerError {
         let code = e.code().unwrap_or_default();
@@ -231,6 +211,14 @@ impl Conns {
         }
         if code == "DCGONE" || text.contains("DCGONE") {
             return BrokerError::SessionGone(String::new());
+        }
+        if e.kind() == ErrorKind::Parse {
+            // Whatever answered is not a Redis server (a web server, ssh…): not worth a retry.
+            lock(&self.shared).take();
+            return BrokerError::Protocol(format!(
+                "{}: the service there does not speak the Redis protocol (is it the pool's port?): {text}",
+                self.target
+            ));
         }
         let broken = e.is_io_error()
             || e.is_timeout()

@@ -2,7 +2,7 @@
 //! (password, pool port, bind address, data in the state dir), waited on until it answers.
 
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -40,6 +40,16 @@ pub enum ServerError {
         path: PathBuf,
         /// Why.
         source: std::io::Error,
+    },
+    /// A `bind` entry is not an IP address or a host name.
+    #[error(
+        "bind address {address:?} is not an IP address or a host name ({reason}): pass --bind with comma-separated addresses such as 127.0.0.1,10.0.0.5"
+    )]
+    InvalidBind {
+        /// The entry, as given.
+        address: String,
+        /// What is wrong with it.
+        reason: &'static str,
     },
     /// redis-server started but exited or never answered.
     #[error("redis-server did not come up on port {port}: {reason}\n{log_tail}")]
@@ -227,6 +237,58 @@ pub async fn probe(host: &str, port: u16, password: &str, timeout: Duration) -> 
     }
 }
 
+/// Check the addresses a pool server is to listen on: each an IP address or a host name,
+/// optionally with redis-server's `-` prefix (listen there only if the address exists), or
+/// `*` / `::*` (every IPv4 / IPv6 interface). Nothing else reaches the generated redis.conf.
+///
+/// # Errors
+/// [`ServerError::InvalidBind`] naming the first bad entry.
+///
+/// # Examples
+/// ```
+/// use dc_broker_redis::server::check_bind;
+///
+/// assert!(check_bind(&["127.0.0.1".into(), "-::1".into(), "head-1.lan".into()]).is_ok());
+/// assert!(check_bind(&["127.0.0.1\nrequirepass x".into()]).is_err());
+/// ```
+pub fn check_bind(addresses: &[String]) -> Result<(), ServerError> {
+    for address in addresses {
+        check_bind_entry(address).map_err(|reason| ServerError::InvalidBind {
+            address: address.clone(),
+            reason,
+        })?;
+    }
+    Ok(())
+}
+
+fn check_bind_entry(entry: &str) -> Result<(), &'static str> {
+    let address = entry.strip_prefix('-').unwrap_or(entry);
+    if address.is_empty() {
+        return Err("empty");
+    }
+    if address.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("it contains whitespace or control characters");
+    }
+    if matches!(address, "*" | "::*") || address.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(());
+    }
+    // A host name (RFC 1123): dot-separated labels of letters, digits and inner hyphens.
+    let label_ok = |label: &str| {
+        !label.is_empty()
+            && label.len() <= 63
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+    };
+    let name = address.strip_suffix('.').unwrap_or(address);
+    if name.len() <= 253 && name.split('.').all(label_ok) {
+        return Ok(());
+    }
+    Err("only letters, digits, '-', '.' and ':' (IPv6) are allowed")
+}
+
 /// Start a dedicated redis-server for a head node, or find one already serving this port and
 /// password (`Ok(None)`).
 ///
@@ -236,6 +298,7 @@ pub async fn probe(host: &str, port: u16, password: &str, timeout: Duration) -> 
 pub async fn start_redis_server(
     options: &RedisServerOptions,
 ) -> Result<Option<RedisProcess>, ServerError> {
+    check_bind(&options.bind)?;
     let port = options.port;
     let host = options.local_address();
     match probe(&host, port, &options.password, Duration::from_secs(2)).await {
@@ -256,19 +319,17 @@ pub async fn start_redis_server(
         let path = path.to_path_buf();
         move |source| ServerError::Io { path, source }
     };
-    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .map_err(io(&dir))?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(io(&dir))?;
     let conf_path = dir.join("redis.conf");
     let log_path = dir.join("redis.log");
     let conf = render_config(options, &dir, &log_path);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600) // it holds the password
-        .open(&conf_path)
-        .map_err(io(&conf_path))?;
-    file.write_all(conf.as_bytes()).map_err(io(&conf_path))?;
-    drop(file);
+    // It holds the password: a new 0600 file renamed into place, whatever was there before.
+    write_new_file(&dir, "redis.conf", conf.as_bytes()).map_err(io(&conf_path))?;
     let _ = std::fs::remove_file(&log_path);
 
     let mut child = dc_gpu::proc::spawn_service(dc_gpu::proc::SpawnSpec {
@@ -308,9 +369,47 @@ pub async fn start_redis_server(
     }
 }
 
+/// Write `dir/name` as a new 0600 file (never following a symlink) renamed into place.
+fn write_new_file(dir: &Path, name: &str, contents: &[u8]) -> std::io::Result<()> {
+    let temp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&temp);
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600) // O_EXCL: a symlink planted at `temp` is not followed either
+        .open(&temp)
+        .and_then(|mut file| file.write_all(contents));
+    match written.and_then(|()| std::fs::rename(&temp, dir.join(name))) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let _ = std::fs::remove_file(&temp);
+            Err(e)
+        }
+    }
+}
+
+/// A value quoted for redis.conf: backslash, double quote and every control character escaped,
+/// so no value can end its line.
+fn quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            c if c.is_control() => {
+                for b in c.to_string().bytes() {
+                    out.push_str(&format!("\\x{b:02x}"));
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
 fn render_config(options: &RedisServerOptions, dir: &Path, log: &Path) -> String {
-    // Quoted for redis.conf: backslash and double quote escaped.
-    let quote = |s: &str| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""));
     format!(
         "# Generated by distributed-computing for a head node. Do not edit: rewritten on start.\n\
          port {port}\n\
@@ -341,7 +440,61 @@ fn log_tail(path: &Path) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::RedisServerOptions;
+    use super::{RedisServerOptions, check_bind, render_config};
+    use std::path::Path;
+
+    #[test]
+    fn bind_takes_ip_addresses_and_host_names_only() {
+        let ok = |a: &str| check_bind(&[a.to_string()]).is_ok();
+        for good in [
+            "*",
+            "-::*",
+            "127.0.0.1",
+            "-::1",
+            "::",
+            "10.0.0.5",
+            "fe80::1",
+            "localhost",
+            "head-1.example.org",
+            "head.",
+        ] {
+            assert!(ok(good), "{good:?} refused");
+        }
+        for bad in [
+            "127.0.0.1\nrequirepass \"\"",
+            "127.0.0.1 10.0.0.1",
+            "host\r",
+            "a\u{1b}[31m",
+            "",
+            "-",
+            "-bad-.host",
+            "under_score",
+            "x;y",
+            "\"quoted\"",
+            "bad..host",
+            "h\u{0}",
+        ] {
+            assert!(!ok(bad), "{bad:?} accepted");
+        }
+        let error = check_bind(&["127.0.0.1".into(), "1.2.3.4\nport 1".into()])
+            .expect_err("a newline is refused")
+            .to_string();
+        assert!(error.contains("1.2.3.4\\nport 1"), "{error}");
+    }
+
+    #[test]
+    fn no_value_can_add_a_line_to_redis_conf() {
+        let mut o = RedisServerOptions::new("pw\"\\ \nrequirepass x", 8899, "/tmp/x");
+        o.bind = vec!["127.0.0.1".into()];
+        let dir = Path::new("/tmp/a\nb\u{85}");
+        let conf = render_config(&o, dir, &dir.join("redis.log"));
+        assert_eq!(conf.lines().count(), 12, "{conf}");
+        assert!(
+            conf.contains("requirepass \"pw\\\"\\\\ \\x0arequirepass x\"\n"),
+            "{conf}"
+        );
+        assert!(conf.contains("dir \"/tmp/a\\x0ab\\xc2\\x85\"\n"), "{conf}");
+    }
 
     #[test]
     fn the_local_address_is_one_the_server_listens_on() {

@@ -11,7 +11,7 @@ use dc_broker_redis::{RedisBroker, RedisOptions, redis_url};
 use dc_core::broker::{
     AttemptEnd, JobId, JobOutcome, JobResult, NewJob, NodeId, NodeStatus, SessionId, WorkerId,
 };
-use dc_core::{Broker, BrokerError};
+use dc_core::{Broker, BrokerError, JobFailure};
 
 async fn broker_with(options: RedisOptions) -> RedisBroker {
     RedisBroker::connect(&common::server().url(), options)
@@ -397,8 +397,206 @@ async fn garbage_in_redis_is_an_error_not_a_panic() {
     run(redis::cmd("SET")
         .arg(format!("{base}job:7"))
         .arg("not a hash"));
-    let err = take().await.expect_err("a job record of the wrong type");
+    // The job fails for good with a word for its owner; taking goes on.
+    assert!(take().await.expect("take_job").is_none());
+    let results = broker
+        .take_results(&s, 10, Duration::from_secs(2))
+        .await
+        .expect("take_results");
+    match &results[..] {
+        [
+            JobResult {
+                job: JobId(7),
+                outcome:
+                    JobOutcome::Failed {
+                        kind: JobFailure::Broker,
+                        message,
+                        ..
+                    },
+                ..
+            },
+        ] => assert!(message.contains("damaged"), "message {message:?}"),
+        other => panic!("expected job 7 to fail as damaged, got {other:?}"),
+    }
+}
+
+/// Values planted in a live session's keys (huge lengths, non-numbers, keys of the wrong
+/// type): each damaged job fails alone with an attributed error or is repaired, damaged
+/// counters are reset, a damaged session reads as gone (its pool then starts afresh); never
+/// an abort, a panic, or a call that hangs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planted_values_fail_their_job_or_are_repaired() {
+    let (broker, prefix) = broker().await;
+    let s = broker
+        .try_open_session(&dc_core::testing::spec(Duration::from_secs(30), 1))
+        .await
+        .expect("try_open_session")
+        .expect("no other session is active")
+        .id;
+    let base = format!("{prefix}:{{{}}}:", s.0);
+    let mut conn = raw();
+    let mut plant = |args: &[&str]| {
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        cmd.query::<redis::Value>(&mut conn).expect("plant a value");
+    };
+    let (node, worker) = (NodeId("n".into()), WorkerId("n/0".into()));
+    let submit = |id: u64, payload: Bytes| {
+        broker.submit(
+            &s,
+            vec![NewJob {
+                id: JobId(id),
+                payload,
+                update_seq: 0,
+            }],
+        )
+    };
+    let take = || broker.take_job(&s, &node, &worker, Duration::from_millis(200));
+    let failed_as = |results: &[JobResult], id: u64| -> Option<(JobFailure, String)> {
+        results
+            .iter()
+            .find(|r| r.job == JobId(id))
+            .and_then(|r| match &r.outcome {
+                JobOutcome::Failed {
+                    kind,
+                    message,
+                    history,
+                } => Some((
+                    *kind,
+                    format!(
+                        "{message} {}",
+                        history
+                            .iter()
+                            .map(|h| h.end.to_string())
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    ),
+                )),
+                JobOutcome::Done(_) => None,
+            })
+    };
+    let big = 300 << 10;
+    let job_key = |id: u64| format!("{base}job:{id}");
+
+    // 1. A planted length of 999,999,999,999 bytes on a chunked payload: no allocation of it;
+    //    the attempt fails with what was wrong.
+    submit(1, pattern(big, 1)).await.expect("submit");
+    plant(&["HSET", &job_key(1), "len", "999999999999"]);
+    assert!(
+        take().await.is_err(),
+        "the only job of the batch cannot be read"
+    );
+    // 2. A planted chunk count far past the payload.
+    submit(2, pattern(big, 2)).await.expect("submit");
+    plant(&["HSET", &job_key(2), "n", "4000000000"]);
+    assert!(take().await.is_err());
+    // 3. A non-number where a length goes, and where the attempt number goes.
+    submit(3, pattern(big, 3)).await.expect("submit");
+    plant(&["HSET", &job_key(3), "len", "lots"]);
+    assert!(take().await.is_err());
+    submit(4, Bytes::from_static(b"four"))
+        .await
+        .expect("submit");
+    plant(&["HSET", &job_key(4), "att", "one"]);
+    let four = take()
+        .await
+        .expect("take_job")
+        .expect("job 4, attempt repaired");
+    assert_eq!((four.lease.job, four.lease.attempt), (JobId(4), 1));
+    // 4. Damaged counters of the session are reset; submitting and stats go on.
+    plant(&["HSET", &format!("{base}meta"), "q", "zz", "r", "1.5"]);
+    submit(5, Bytes::from_static(b"five"))
+        .await
+        .expect("submit");
+    broker
+        .session_stats(&s)
+        .await
+        .expect("stats with damaged counters");
+    let five = take().await.expect("take_job").expect("job 5");
+    broker
+        .complete(&four.lease, Ok(Bytes::from_static(b"4")))
+        .await
+        .expect("complete 4");
+    let all_results = |want: usize| {
+        let broker = &broker;
+        let s = &s;
+        async move {
+            let mut results = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while results.len() < want && Instant::now() < deadline {
+                results.extend(
+                    broker
+                        .take_results(s, 10, Duration::from_millis(200))
+                        .await
+                        .expect("take_results"),
+                );
+            }
+            results
+        }
+    };
+    let mut results = all_results(4).await;
+    // 5. The results stream replaced by a string (its notices are lost: a pool submits again
+    //    what it never hears of): completing repairs it.
+    plant(&["SET", &format!("{base}results"), "not a stream"]);
+    broker
+        .complete(&five.lease, Ok(pattern(big, 5)))
+        .await
+        .expect("complete 5 (its result staged by chunks)");
+    // 6. A planted length on a chunked result: the job fails as damaged, once.
+    plant(&["HSET", &format!("{base}out:5"), "len", "999999999999"]);
+    results.extend(all_results(1).await);
+    let mut ids: Vec<u64> = results.iter().map(|r| r.job.0).collect();
+    ids.sort_unstable();
+    assert_eq!(
+        ids,
+        vec![1, 2, 3, 4, 5],
+        "each job's result once: {results:?}"
+    );
+    for (id, what) in [
+        (1, "claims 999999999999 bytes"),
+        (2, "4000000000 chunks"),
+        (3, "expected a number"),
+    ] {
+        let (kind, message) = failed_as(&results, id).unwrap_or_else(|| panic!("job {id} failed"));
+        assert_eq!(kind, JobFailure::Exhausted, "job {id}");
+        assert!(message.contains(what), "job {id}: {message}");
+    }
+    assert!(failed_as(&results, 4).is_none(), "job 4 ran once repaired");
+    let (kind, message) = failed_as(&results, 5).expect("job 5's damaged result");
+    assert_eq!(kind, JobFailure::Broker);
+    assert!(message.contains("claims 999999999999 bytes"), "{message}");
+    // 7. An update entry with planted chunk numbers: an error, no allocation.
+    plant(&[
+        "XADD",
+        &format!("{base}upd"),
+        "1-0",
+        "n",
+        "3",
+        "len",
+        "999999999999",
+    ]);
+    let err = broker
+        .read_updates(&s, 0, 10)
+        .await
+        .expect_err("a damaged update");
     assert!(matches!(err, BrokerError::Protocol(_)), "got {err:?}");
+    // 8. A damaged attempt limit: the session reads as gone, everywhere.
+    plant(&["HSET", &format!("{base}meta"), "max", "many"]);
+    let err = take().await.expect_err("a damaged session");
+    assert!(matches!(err, BrokerError::SessionGone(_)), "got {err:?}");
+    let err = broker
+        .session_stats(&s)
+        .await
+        .expect_err("a damaged session");
+    assert!(matches!(err, BrokerError::SessionGone(_)), "got {err:?}");
+    // 9. The session meta replaced by a string.
+    plant(&["SET", &format!("{base}meta"), "not a hash"]);
+    let err = submit(9, Bytes::from_static(b"nine"))
+        .await
+        .expect_err("a damaged session");
+    assert!(matches!(err, BrokerError::SessionGone(_)), "got {err:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

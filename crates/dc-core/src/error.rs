@@ -13,6 +13,9 @@ pub enum JobFailure {
     /// Every attempt ended without a result: the worker process died, spoke garbage, or its
     /// node vanished, `max_attempts` times.
     Exhausted,
+    /// What the broker held of the job (its record, its input or its result) was damaged or
+    /// unreadable (not retried: the message says what was wrong).
+    Broker,
 }
 
 impl std::fmt::Display for JobFailure {
@@ -21,6 +24,7 @@ impl std::fmt::Display for JobFailure {
             JobFailure::Worker => "worker error",
             JobFailure::Codec => "undecodable job",
             JobFailure::Exhausted => "attempts exhausted",
+            JobFailure::Broker => "damaged in the broker",
         })
     }
 }
