@@ -16,8 +16,8 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
 use crate::node::{
-    HeadOptions, NodeError, NodeOptions, ServerOptions, default_state_dir, node_pid,
-    start_head_node, start_node, start_server,
+    HeadOptions, NodeError, NodeOptions, NodeProcess, ServerOptions, default_state_dir,
+    node_pid_checked, start_head_node, start_node, start_server,
 };
 
 #[derive(Debug, Parser)]
@@ -154,6 +154,7 @@ struct Devices {
 
 /// The merged configuration (file + environment + flags).
 #[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 struct Config {
     address: String,
     port: u16,
@@ -193,15 +194,73 @@ impl Default for Config {
     }
 }
 
+/// The keys a config file may set (the fields of [`Config`]).
+const CONFIG_KEYS: &[&str] = &[
+    "address",
+    "port",
+    "password",
+    "password_file",
+    "broker",
+    "head",
+    "server_only",
+    "cpu_workers",
+    "gpus",
+    "workers_per_gpu",
+    "state_dir",
+    "bind",
+    "heartbeat_ms",
+    "external_workers",
+];
+
+/// The config file to read: `--config` (which must be a file), else `./dc.toml` if there is
+/// one (in this directory only).
+fn config_file(given: Option<&PathBuf>) -> Result<Option<PathBuf>, String> {
+    let (path, explicit) = match given {
+        Some(path) => (path.clone(), true),
+        None => (PathBuf::from("dc.toml"), false),
+    };
+    match std::fs::metadata(&path) {
+        Ok(meta) if meta.is_file() => Ok(Some(path)),
+        Ok(_) => Err(format!(
+            "config file {} is not a file (a directory?): pass --config FILE.toml",
+            path.display()
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(format!("config file {} does not exist", path.display()))
+        }
+        Err(e) => Err(format!("config file {}: {e}", path.display())),
+    }
+}
+
+/// Parse a config file's text, refusing keys that configure nothing.
+fn config_file_provider(
+    path: &std::path::Path,
+    text: &str,
+) -> Result<figment::providers::Data<Toml>, String> {
+    let table: BTreeMap<String, figment::value::Value> = Figment::from(Toml::string(text))
+        .extract()
+        .map_err(|e| format!("config file {}: {e}", path.display()))?;
+    if let Some(key) = table.keys().find(|k| !CONFIG_KEYS.contains(&k.as_str())) {
+        return Err(format!(
+            "config file {}: unknown key {key:?} (known keys: {})",
+            path.display(),
+            CONFIG_KEYS.join(", ")
+        ));
+    }
+    Ok(Toml::string(text))
+}
+
 impl Config {
     fn load(flags: &impl Serialize, config_file: Option<&PathBuf>) -> Result<Self, String> {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
-        match config_file {
-            Some(path) if !path.exists() => {
-                return Err(format!("config file {} does not exist", path.display()));
-            }
-            Some(path) => figment = figment.merge(Toml::file(path)),
-            None => figment = figment.merge(Toml::file("dc.toml")),
+        let file = self::config_file(config_file)?;
+        if let Some(path) = &file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("config file {}: {e}", path.display()))?;
+            figment = figment.merge(config_file_provider(path, &text)?);
+            let shown = std::path::absolute(path).unwrap_or_else(|_| path.clone());
+            tracing::info!(file = %shown.display(), "configuration file loaded");
         }
         figment = figment
             .merge(Env::prefixed("DC_").only(&[
@@ -218,7 +277,10 @@ impl Config {
                 "heartbeat_ms",
             ]))
             .merge(Serialized::defaults(flags));
-        figment.extract().map_err(|e| format!("configuration: {e}"))
+        figment.extract().map_err(|e| match &file {
+            Some(path) => format!("configuration (file {}): {e}", path.display()),
+            None => format!("configuration: {e}"),
+        })
     }
 
     fn password(&self) -> Result<String, String> {
@@ -233,8 +295,11 @@ impl Config {
         Err("no password: pass -r PASSWORD, --password-file FILE or DC_PASSWORD".into())
     }
 
-    fn state_dir(&self) -> PathBuf {
-        self.state_dir.clone().unwrap_or_else(default_state_dir)
+    fn state_dir(&self) -> Result<PathBuf, String> {
+        match &self.state_dir {
+            Some(dir) => Ok(dir.clone()),
+            None => default_state_dir().map_err(|e| e.to_string()),
+        }
     }
 
     fn broker_url(&self, password: &str) -> String {
@@ -331,13 +396,12 @@ async fn run_start_node(cmd: StartNode, program: &str) -> Result<ExitCode, Strin
     let config = Config::load(&cmd, cmd.connection.config.as_ref())?;
     let password = config.password()?;
     let gpus: dc_gpu::GpuSelection = config.gpus.parse().map_err(|e| format!("--gpus: {e}"))?;
-    let state_dir = config.state_dir();
-    let bind: Vec<String> = config
-        .bind
-        .split(',')
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .collect();
+    let state_dir = config.state_dir()?;
+    // Every entry is checked before it reaches redis.conf (ServerOptions); a blank one too.
+    let bind: Vec<String> = config.bind.split(',').map(str::to_string).collect();
+    // Installed before anything waits, so a stop while the node waits for its server is prompt.
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
     let mut node = NodeOptions::new(password.clone())
         .address(config.address.clone())
         .port(config.port)
@@ -378,7 +442,7 @@ async fn run_start_node(cmd: StartNode, program: &str) -> Result<ExitCode, Strin
         print_worker_command(program, config.port, &password);
         tokio::select! {
             r = server.wait() => r.map_err(|e| e.to_string())?,
-            _ = shutdown_signal() => server.terminate().await.map_err(|e| e.to_string())?,
+            _ = &mut shutdown => server.terminate().await.map_err(|e| e.to_string())?,
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -389,7 +453,11 @@ async fn run_start_node(cmd: StartNode, program: &str) -> Result<ExitCode, Strin
             .bind(bind)
             .state_dir(state_dir);
         options = options.node(|_| node);
-        let mut head = match start_head_node(options).await {
+        let started = tokio::select! {
+            started = start_head_node(options) => started,
+            _ = &mut shutdown => return Ok(ExitCode::SUCCESS),
+        };
+        let mut head = match started {
             Ok(head) => head,
             Err(NodeError::AlreadyRunning { pid, dir }) => return Ok(already_running(&pid, &dir)),
             Err(e) => return Err(e.to_string()),
@@ -397,35 +465,44 @@ async fn run_start_node(cmd: StartNode, program: &str) -> Result<ExitCode, Strin
         print_worker_command(program, config.port, &password);
         tokio::select! {
             r = head.wait() => r.map_err(|e| e.to_string())?,
-            _ = shutdown_signal() => head.terminate().await.map_err(|e| e.to_string())?,
+            _ = &mut shutdown => head.terminate().await.map_err(|e| e.to_string())?,
         }
         return Ok(ExitCode::SUCCESS);
     }
 
-    let mut handle = match start_node(node).await {
+    // Waits for the pool server while it is not up (start order does not matter).
+    let started = tokio::select! {
+        started = start_node(node) => started,
+        _ = &mut shutdown => return Ok(ExitCode::SUCCESS),
+    };
+    let mut handle = match started {
         Ok(handle) => handle,
         Err(NodeError::AlreadyRunning { pid, dir }) => return Ok(already_running(&pid, &dir)),
         Err(e) => return Err(e.to_string()),
     };
     tokio::select! {
         r = handle.wait() => r.map_err(|e| e.to_string())?,
-        _ = shutdown_signal() => handle.terminate().await.map_err(|e| e.to_string())?,
+        _ = &mut shutdown => handle.terminate().await.map_err(|e| e.to_string())?,
     }
     Ok(ExitCode::SUCCESS)
 }
 
-async fn shutdown_signal() {
+/// SIGTERM or Ctrl-C, the handlers installed now (not when first polled).
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let handlers = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers the node still stops when killed; wait forever here.
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-        _ = int.recv() => tracing::info!("interrupted: stopping"),
+    );
+    async move {
+        let (Ok(mut term), Ok(mut int)) = handlers else {
+            // Without signal handlers the node still stops when killed; wait forever here.
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+            _ = int.recv() => tracing::info!("interrupted: stopping"),
+        }
     }
 }
 
@@ -560,58 +637,102 @@ async fn run_status(cmd: Status) -> Result<ExitCode, String> {
             serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?
         );
     } else {
-        print_status(&report);
+        print_status(&report, &mut std::io::stdout().lock())
+            .map_err(|e| format!("cannot print the status: {e}"))?;
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_status(report: &StatusReport) {
-    println!("server: {}", report.server);
-    println!("nodes: {}", report.nodes.len());
+/// `s` safe to print on a terminal: control characters (escape sequences, newlines, carriage
+/// returns) and the invisible bidirectional-text controls are shown escaped (`\u{1b}`), so a
+/// node or host name read from the broker cannot drive the terminal or disguise a line.
+fn printable(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        let invisible = matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}');
+        if c.is_control() || invisible {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn print_status(report: &StatusReport, out: &mut impl std::io::Write) -> std::io::Result<()> {
+    writeln!(out, "server: {}", printable(&report.server))?;
+    writeln!(out, "nodes: {}", report.nodes.len())?;
     if !report.nodes.is_empty() {
-        println!(
+        writeln!(
+            out,
             "  {:<28} {:<20} {:>5} {:>5} {:>5} {:>8} {:>7} {:>9}  devices",
             "node", "host", "slots", "busy", "idle", "starting", "no pool", "heartbeat"
-        );
+        )?;
         for n in &report.nodes {
-            println!(
+            let devices: Vec<String> = n.devices.iter().map(|d| printable(d)).collect();
+            writeln!(
+                out,
                 "  {:<28} {:<20} {:>5} {:>5} {:>5} {:>8} {:>7} {:>7}ms  {}",
-                n.node,
-                n.host,
+                printable(&n.node),
+                printable(&n.host),
                 n.slots,
                 n.busy,
                 n.idle,
                 n.starting,
                 n.waiting,
                 n.last_heartbeat_ms,
-                if n.devices.is_empty() {
+                if devices.is_empty() {
                     "cpu".to_string()
                 } else {
-                    n.devices.join(",")
+                    devices.join(",")
                 }
-            );
+            )?;
         }
     }
     match &report.pool {
         Some(p) => {
-            println!(
-                "pool: {} (worker kind {:?}, opened by {})",
-                p.session, p.kind, p.owner
-            );
-            println!(
+            writeln!(
+                out,
+                "pool: {} (worker kind \"{}\", opened by {})",
+                printable(&p.session),
+                printable(&p.kind),
+                printable(&p.owner)
+            )?;
+            writeln!(
+                out,
                 "  workers {} on {} node(s); jobs queued {}, running {}, done {}, failed {}",
                 p.workers, p.nodes, p.queued, p.running, p.done, p.failed
-            );
+            )?;
         }
-        None => println!("pool: none active"),
+        None => writeln!(out, "pool: none active")?,
     }
+    Ok(())
 }
 
 async fn run_stop(cmd: Stop) -> Result<ExitCode, String> {
-    let dir = cmd.state_dir.unwrap_or_else(default_state_dir);
-    let Some(pid) = node_pid(&dir) else {
-        println!("no node is running here (state dir {})", dir.display());
-        return Ok(ExitCode::SUCCESS);
+    let dir = match cmd.state_dir {
+        Some(dir) => dir,
+        None => default_state_dir().map_err(|e| e.to_string())?,
+    };
+    // Only the process the kernel says holds the node's lock, and that wrote node.pid.
+    let pid = match node_pid_checked(&dir) {
+        NodeProcess::Running(pid) => pid,
+        NodeProcess::Unverified { holder, recorded } => {
+            let show = |p: Option<u32>| p.map_or("unknown".to_string(), |p| p.to_string());
+            return Err(format!(
+                "state dir {}: its lock is held by process {} but node.pid names {}; not signalling anything (stop that process yourself if it is the node)",
+                printable(&dir.display().to_string()),
+                show(holder),
+                show(recorded)
+            ));
+        }
+        _ => {
+            println!(
+                "no node is running here (state dir {})",
+                printable(&dir.display().to_string())
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
     };
     let raw = i32::try_from(pid).map_err(|_| format!("bad pid {pid}"))?;
     nix::sys::signal::kill(
@@ -674,4 +795,89 @@ fn already_running(pid: &str, dir: &std::path::Path) -> ExitCode {
         dir.display()
     );
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_config_file_key_that_configures_nothing_is_an_error_naming_key_and_file() {
+        let path = std::path::Path::new("/etc/dc/dc.toml");
+        let error = config_file_provider(path, "cpu_workerz = 4\n")
+            .err()
+            .expect("unknown key");
+        assert!(error.contains("\"cpu_workerz\""), "{error}");
+        assert!(error.contains("/etc/dc/dc.toml"), "{error}");
+        assert!(
+            config_file_provider(path, "cpu_workers = 4\n[external_workers]\nx = [\"y\"]\n")
+                .is_ok()
+        );
+        let error = config_file_provider(path, "cpu_workers = \n")
+            .err()
+            .expect("bad TOML");
+        assert!(error.contains("/etc/dc/dc.toml"), "{error}");
+    }
+
+    #[test]
+    fn config_must_name_a_file() {
+        let dir = std::env::temp_dir();
+        let error = config_file(Some(&dir)).expect_err("a directory is refused");
+        assert!(error.contains("not a file"), "{error}");
+        let missing = dir.join("dc-no-such-config-file.toml");
+        let error = config_file(Some(&missing)).expect_err("a missing file is refused");
+        assert!(error.contains("does not exist"), "{error}");
+    }
+
+    #[test]
+    fn printable_escapes_what_would_drive_a_terminal() {
+        assert_eq!(printable("node-1.lan"), "node-1.lan");
+        assert_eq!(printable("naïve-ノード"), "naïve-ノード");
+        assert_eq!(printable("a\u{1b}[2Jb"), "a\\u{1b}[2Jb");
+        assert_eq!(printable("x\ny\rz\t"), "x\\ny\\rz\\t");
+        assert_eq!(printable("evil\u{202e}txt.exe"), "evil\\u{202e}txt.exe");
+        assert_eq!(printable("\u{9b}31m"), "\\u{9b}31m");
+    }
+
+    #[test]
+    fn status_table_prints_no_control_character_from_the_broker() {
+        let evil = "h\u{1b}]0;pwned\u{7}\u{1b}[2J\r\nfake line\u{202e}";
+        let report = StatusReport {
+            server: format!("redis://{evil}:8899"),
+            nodes: vec![NodeReport {
+                node: format!("{evil}-1"),
+                host: evil.to_string(),
+                devices: vec![format!("GPU-{evil}")],
+                slots: 1,
+                busy: 0,
+                idle: 1,
+                starting: 0,
+                waiting: 0,
+                last_heartbeat_ms: 12,
+            }],
+            pool: Some(PoolReport {
+                session: evil.to_string(),
+                kind: evil.to_string(),
+                owner: evil.to_string(),
+                workers: 1,
+                nodes: 1,
+                queued: 0,
+                running: 0,
+                done: 0,
+                failed: 0,
+            }),
+        };
+        let mut out = Vec::new();
+        print_status(&report, &mut out).expect("print to a buffer");
+        let text = String::from_utf8(out).expect("utf-8");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 6, "{text}");
+        assert!(
+            !text
+                .chars()
+                .any(|c| (c.is_control() && c != '\n') || c == '\u{202e}'),
+            "{text:?}"
+        );
+        assert!(text.contains("h\\u{1b}]0;pwned\\u{7}"), "{text}");
+    }
 }

@@ -17,9 +17,10 @@ mod node;
 pub use backends::{Backends, broker_from_url};
 pub use cli::{main_with, main_with_args};
 pub use node::{
-    HeadHandle, HeadOptions, NodeError, NodeHandle, NodeOptions, ServerError, ServerHandle,
-    ServerOptions, default_state_dir, is_node_running, is_node_running_in, is_server_running,
-    node_pid, start_head_node, start_node, start_redis, start_server,
+    HeadHandle, HeadOptions, NodeError, NodeHandle, NodeOptions, NodeProcess, ServerError,
+    ServerHandle, ServerOptions, default_state_dir, is_node_running, is_node_running_in,
+    is_server_running, node_pid, node_pid_checked, start_head_node, start_node, start_redis,
+    start_server,
 };
 
 pub use dc_broker_redis::server::RedisProcess;

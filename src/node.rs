@@ -52,18 +52,36 @@ pub enum NodeError {
 }
 
 /// The state directory used when none is given: `$DC_STATE_DIR`, else
-/// `$XDG_STATE_HOME/distributed-computing`, else `~/.local/state/distributed-computing`.
-pub fn default_state_dir() -> PathBuf {
+/// `$XDG_STATE_HOME/distributed-computing`, else `$HOME/.local/state/distributed-computing`.
+/// There is no shared fallback (a fixed folder under the temp dir could be planted by another
+/// user).
+///
+/// # Errors
+/// [`NodeError::Config`] when none of those is set to an absolute path.
+///
+/// # Examples
+/// ```
+/// let dir = distributed_computing::default_state_dir();
+/// assert!(dir.map(|d| d.is_absolute()).unwrap_or(true));
+/// ```
+pub fn default_state_dir() -> Result<PathBuf, NodeError> {
+    let absolute = |name: &str| {
+        std::env::var_os(name)
+            .map(PathBuf::from)
+            .filter(|d| d.is_absolute())
+    };
     if let Some(dir) = std::env::var_os("DC_STATE_DIR").filter(|d| !d.is_empty()) {
-        return PathBuf::from(dir);
+        return Ok(PathBuf::from(dir));
     }
-    if let Some(dir) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
-        return PathBuf::from(dir).join("distributed-computing");
+    if let Some(dir) = absolute("XDG_STATE_HOME") {
+        return Ok(dir.join("distributed-computing"));
     }
-    match std::env::var_os("HOME").filter(|d| !d.is_empty()) {
-        Some(home) => PathBuf::from(home).join(".local/state/distributed-computing"),
-        None => std::env::temp_dir().join("distributed-computing"),
+    if let Some(home) = absolute("HOME") {
+        return Ok(home.join(".local/state/distributed-computing"));
     }
+    Err(NodeError::Config(
+        "no state directory: neither XDG_STATE_HOME nor HOME is set to an absolute path; pass --state-dir DIR (or DC_STATE_DIR)".into(),
+    ))
 }
 
 /// How to start a worker node.
@@ -193,40 +211,153 @@ impl NodeOptions {
 }
 
 /// Holds a state directory for one node: released when dropped (or when the process dies).
+///
+/// 1. The directory is created 0700 (an existing one must be ours and not writable by others).
+/// 2. `node.lock` is opened without following a symlink and locked (`flock`, exclusive).
+/// 3. `node.pid` is written new (0600, under a temporary name) and renamed into place, so a
+///    planted `node.pid` symlink is replaced, never followed.
+/// 4. `dc-cli stop` signals a pid only when the kernel says that process holds the lock and
+///    `node.pid` names it ([`node_pid`]).
 #[derive(Debug)]
 struct StateLock {
     _lock: nix::fcntl::Flock<File>,
     dir: PathBuf,
 }
 
+/// `open` flags for every file of the state dir: never follow a symlink, never block on a FIFO.
+fn no_follow() -> i32 {
+    (nix::fcntl::OFlag::O_NOFOLLOW | nix::fcntl::OFlag::O_NONBLOCK).bits()
+}
+
+/// Create `dir` (0700) or check that an existing one is a directory of ours that no one else
+/// can write to.
+fn prepare_state_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let meta = std::fs::metadata(dir)?;
+    let refuse = |why: String| {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            why,
+        ))
+    };
+    if !meta.is_dir() {
+        return refuse("not a directory".into());
+    }
+    if effective_uid().is_some_and(|me| meta.uid() != me) {
+        return refuse(format!(
+            "owned by uid {}, not by this user: use a state dir of your own",
+            meta.uid()
+        ));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return refuse(format!(
+            "writable by other users (mode {:o}): chmod 700 it",
+            meta.mode() & 0o7777
+        ));
+    }
+    Ok(())
+}
+
+/// This process's effective uid (from `/proc/self/status`).
+fn effective_uid() -> Option<u32> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let uids = status.lines().find_map(|l| l.strip_prefix("Uid:"))?;
+    uids.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Open a state-dir file for reading, refusing symlinks and anything but a regular file.
+fn open_regular(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(no_follow())
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{} is not a regular file", path.display()),
+        ));
+    }
+    Ok(file)
+}
+
+/// Write `contents` to `dir/name` as a new 0600 file renamed into place (a symlink or a file
+/// already at `name` is replaced, not written through).
+pub(crate) fn write_private_file(dir: &Path, name: &str, contents: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let temp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&temp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(no_follow())
+        .open(&temp)?;
+    let written = file.write_all(contents).and_then(|()| file.sync_all());
+    drop(file);
+    match written.and_then(|()| std::fs::rename(&temp, dir.join(name))) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let _ = std::fs::remove_file(&temp);
+            Err(e)
+        }
+    }
+}
+
+/// The pid written in `dir/node.pid`, if it is a regular file holding one.
+fn read_pid_file(dir: &Path) -> Option<u32> {
+    use std::io::Read;
+    let mut text = String::new();
+    open_regular(&dir.join("node.pid"))
+        .ok()?
+        .take(32)
+        .read_to_string(&mut text)
+        .ok()?;
+    text.trim().parse().ok()
+}
+
 impl StateLock {
     fn acquire(dir: &Path) -> Result<Self, NodeError> {
+        use std::os::unix::fs::OpenOptionsExt;
         let io = |source| NodeError::StateDir {
             dir: dir.to_path_buf(),
             source,
         };
-        std::fs::create_dir_all(dir).map_err(io)?;
+        prepare_state_dir(dir).map_err(io)?;
         let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(0o600)
+            .custom_flags(no_follow())
             .open(dir.join("node.lock"))
             .map_err(io)?;
+        if !file.metadata().map_err(io)?.is_file() {
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "node.lock is not a regular file",
+            )));
+        }
         let lock = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
         {
             Ok(lock) => lock,
             Err((_, _)) => {
-                let pid = std::fs::read_to_string(dir.join("node.pid"))
-                    .map(|s| s.trim().to_string())
-                    .unwrap_or_else(|_| "unknown".into());
                 return Err(NodeError::AlreadyRunning {
-                    pid,
+                    pid: shown_pid(dir),
                     dir: dir.to_path_buf(),
                 });
             }
         };
-        let mut pid_file = File::create(dir.join("node.pid")).map_err(io)?;
-        writeln!(pid_file, "{}", std::process::id()).map_err(io)?;
+        write_private_file(
+            dir,
+            "node.pid",
+            format!("{}\n", std::process::id()).as_bytes(),
+        )
+        .map_err(io)?;
         Ok(StateLock {
             _lock: lock,
             dir: dir.to_path_buf(),
@@ -234,14 +365,54 @@ impl StateLock {
     }
 
     fn is_held(dir: &Path) -> bool {
-        let Ok(file) = std::fs::OpenOptions::new()
-            .write(true)
-            .open(dir.join("node.lock"))
-        else {
+        let Ok(file) = open_regular(&dir.join("node.lock")) else {
             return false;
         };
         nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).is_err()
     }
+
+    /// The pid of the process holding `dir/node.lock`, as the kernel lists it in `/proc/locks`.
+    fn holder(dir: &Path) -> Option<u32> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = open_regular(&dir.join("node.lock")).ok()?.metadata().ok()?;
+        let device = format!(
+            "{:02x}:{:02x}:{}",
+            nix::sys::stat::major(meta.dev()),
+            nix::sys::stat::minor(meta.dev()),
+            meta.ino()
+        );
+        let table = std::fs::read_to_string("/proc/locks").ok()?;
+        let flocks: Vec<(u32, &str)> = table
+            .lines()
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                // "1: FLOCK  ADVISORY  WRITE 12345 fe:00:10010695 0 EOF"; waiters carry "->".
+                match fields.as_slice() {
+                    [_, "FLOCK", _, "WRITE", pid, id, ..] => Some((pid.parse().ok()?, *id)),
+                    _ => None,
+                }
+            })
+            .collect();
+        if let Some((pid, _)) = flocks.iter().find(|(_, id)| *id == device) {
+            return Some(*pid);
+        }
+        // Stacked file systems (overlayfs) may list another device: the inode alone, if unique.
+        let inode = format!(":{}", meta.ino());
+        let mut same: Vec<u32> = flocks
+            .iter()
+            .filter(|(_, id)| id.ends_with(&inode))
+            .map(|(pid, _)| *pid)
+            .collect();
+        same.dedup();
+        (same.len() == 1).then(|| same[0])
+    }
+}
+
+/// The pid a running node recorded, for messages.
+fn shown_pid(dir: &Path) -> String {
+    read_pid_file(dir)
+        .map(|pid| pid.to_string())
+        .unwrap_or_else(|| "unknown".into())
 }
 
 impl Drop for StateLock {
@@ -298,16 +469,22 @@ impl NodeHandle {
 /// Start a worker node in this process: one worker process per GPU (or `cpu_workers` CPU
 /// workers), serving whatever pool is active on the server.
 ///
+/// A node waits for its server: while nothing answers at the server's address (not started
+/// yet, restarting, unreachable), the connection is retried with backoff and jitter and a log
+/// line every 10 s, so nodes and heads can start in any order. Drop the future to give up.
+///
 /// # Errors
 /// [`NodeError::AlreadyRunning`] when a node holds the state directory; [`NodeError::Pool`]
-/// when the server is unreachable or refuses the password; [`NodeError::Config`] when this
-/// executable registered no worker kinds and none were given.
+/// at once when the server refuses the password or is not a pool server;
+/// [`NodeError::Config`] when this executable registered no worker kinds and none were given,
+/// or an external worker would replace a registered kind; [`NodeError::StateDir`] when the
+/// state directory cannot be used.
 pub async fn start_node(options: NodeOptions) -> Result<NodeHandle, NodeError> {
-    let dir = options.state_dir.clone().unwrap_or_else(default_state_dir);
+    let dir = match &options.state_dir {
+        Some(dir) => dir.clone(),
+        None => default_state_dir()?,
+    };
     let lock = StateLock::acquire(&dir)?;
-    let url = options.broker_url();
-    let broker: Arc<dyn Broker> =
-        crate::backends::broker_from_url(&url, options.connect_timeout).await?;
     let command = match &options.worker_program {
         Some(path) => WorkerCommand::program(path),
         None => WorkerCommand::current_exe().map_err(|e| {
@@ -324,6 +501,13 @@ pub async fn start_node(options: NodeOptions) -> Result<NodeHandle, NodeError> {
             "this node has no worker kinds: build the node binary with main_with(Registry::new().register::<YourWorker>()), or configure external workers".into(),
         ));
     }
+    if let Some(kind) = options.external.keys().find(|k| kinds.contains(k)) {
+        return Err(NodeError::Config(format!(
+            "external worker kind {kind:?} is a kind this node binary registers: an external program cannot replace it (give the external kind another name)"
+        )));
+    }
+    let url = options.broker_url();
+    let broker = wait_for_server(&url, options.connect_timeout).await?;
     let slots = node_slots(&options);
     let node_id = NodeId(format!("{}-{}", host_name(), std::process::id()));
     let mut config = AgentConfig::new(node_id.clone(), command, kinds, slots);
@@ -338,6 +522,80 @@ pub async fn start_node(options: NodeOptions) -> Result<NodeHandle, NodeError> {
         slots,
         _lock: lock,
     })
+}
+
+/// How often a node waiting for its server says so.
+const WAITING_LOG_PERIOD: Duration = Duration::from_secs(10);
+
+/// Connect to the broker at `url`, retrying while nothing answers there; a refused password,
+/// a service that is not a pool server, or a bad URL fail at once.
+async fn wait_for_server(url: &str, timeout: Duration) -> Result<Arc<dyn Broker>, NodeError> {
+    let server = dc_core::redact_url(url);
+    let started = Instant::now();
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(3));
+    let mut last_log: Option<Instant> = None;
+    loop {
+        match crate::backends::broker_from_url(url, timeout).await {
+            Ok(broker) => {
+                if last_log.is_some() {
+                    tracing::info!(%server, waited_ms = started.elapsed().as_millis(), "pool server reached");
+                }
+                return Ok(broker);
+            }
+            Err(PoolError::Unreachable(why)) => {
+                if last_log.is_none_or(|t| t.elapsed() >= WAITING_LOG_PERIOD) {
+                    tracing::warn!(
+                        %server,
+                        waited_s = started.elapsed().as_secs(),
+                        "waiting for the pool server (start the head, or check -a/-p): {why}"
+                    );
+                    last_log = Some(Instant::now());
+                }
+                tokio::time::sleep(backoff.next_pause()).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Exponential backoff with jitter: each pause is drawn between half and all of
+/// `min * 2^n` (capped at `max`), so many nodes waiting for one server do not retry in step.
+#[derive(Debug, Clone)]
+pub(crate) struct Backoff {
+    min: Duration,
+    max: Duration,
+    failures: u32,
+    seed: u64,
+}
+
+impl Backoff {
+    pub(crate) fn new(min: Duration, max: Duration) -> Self {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        Backoff {
+            min,
+            max,
+            failures: 0,
+            seed: now ^ (u64::from(std::process::id()) << 32) | 1,
+        }
+    }
+
+    /// The pause before the next try.
+    pub(crate) fn next_pause(&mut self) -> Duration {
+        let ceiling = self
+            .min
+            .saturating_mul(1u32 << self.failures.min(16))
+            .min(self.max);
+        self.failures = self.failures.saturating_add(1);
+        // xorshift64: jitter needs spread, not cryptographic randomness.
+        self.seed ^= self.seed << 13;
+        self.seed ^= self.seed >> 7;
+        self.seed ^= self.seed << 17;
+        let fraction = 0.5 + (self.seed >> 11) as f64 / (1u64 << 53) as f64 / 2.0;
+        ceiling.mul_f64(fraction)
+    }
 }
 
 fn node_slots(options: &NodeOptions) -> Vec<SlotSpec> {
@@ -409,11 +667,16 @@ impl ServerOptions {
 
     fn redis_options(&self) -> Result<RedisServerOptions, NodeError> {
         check_password(&self.password)?;
-        let dir = self
-            .state_dir
-            .clone()
-            .unwrap_or_else(default_state_dir)
-            .join(format!("redis-{}", self.port));
+        dc_broker_redis::server::check_bind(&self.bind)?;
+        let state_dir = match &self.state_dir {
+            Some(dir) => dir.clone(),
+            None => default_state_dir()?,
+        };
+        prepare_state_dir(&state_dir).map_err(|source| NodeError::StateDir {
+            dir: state_dir.clone(),
+            source,
+        })?;
+        let dir = state_dir.join(format!("redis-{}", self.port));
         let mut options = RedisServerOptions::new(self.password.clone(), self.port, dir);
         options.bind = self.bind.clone();
         Ok(options)
@@ -670,15 +933,12 @@ impl HeadHandle {
 /// As [`start_server`] and [`start_node`]; a node already running in the state directory is
 /// [`NodeError::AlreadyRunning`] (checked before the server starts).
 pub async fn start_head_node(options: HeadOptions) -> Result<HeadHandle, NodeError> {
-    let dir = options
-        .node
-        .state_dir
-        .clone()
-        .unwrap_or_else(default_state_dir);
+    let dir = match &options.node.state_dir {
+        Some(dir) => dir.clone(),
+        None => default_state_dir()?,
+    };
     if StateLock::is_held(&dir) {
-        let pid = std::fs::read_to_string(dir.join("node.pid"))
-            .map(|s| s.trim().to_string())
-            .unwrap_or_else(|_| "unknown".into());
+        let pid = shown_pid(&dir);
         return Err(NodeError::AlreadyRunning { pid, dir });
     }
     let local = options.server.redis_options()?.local_address();
@@ -715,9 +975,10 @@ pub fn is_server_running(port: u16) -> bool {
     }
 }
 
-/// Whether a node runs with the default state directory on this machine.
+/// Whether a node runs with the default state directory on this machine (false when there is
+/// no default state directory: see [`default_state_dir`]).
 pub fn is_node_running() -> bool {
-    is_node_running_in(&default_state_dir())
+    default_state_dir().is_ok_and(|dir| is_node_running_in(&dir))
 }
 
 /// Whether a node runs with state directory `dir`.
@@ -725,14 +986,67 @@ pub fn is_node_running_in(dir: &Path) -> bool {
     StateLock::is_held(dir)
 }
 
-/// The pid recorded by the node running with state directory `dir`, if one runs.
+/// Who runs with state directory `dir`, as [`node_pid_checked`] tells it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum NodeProcess {
+    /// No process holds the directory's lock.
+    None,
+    /// This process holds the lock and wrote `node.pid`: it is the node.
+    Running(u32),
+    /// The lock is held, but `node.pid` does not name its holder (planted, stale, or another
+    /// program holds the lock): nothing should be signalled.
+    Unverified {
+        /// The holder of the lock, if the kernel could tell.
+        holder: Option<u32>,
+        /// What `node.pid` says, if it holds a pid.
+        recorded: Option<u32>,
+    },
+}
+
+/// The pid of the node running with state directory `dir`: `Some` only when a process holds
+/// the directory's lock and `node.pid` names that very process.
 pub fn node_pid(dir: &Path) -> Option<u32> {
-    if !StateLock::is_held(dir) {
-        return None;
+    match node_pid_checked(dir) {
+        NodeProcess::Running(pid) => Some(pid),
+        _ => None,
     }
-    std::fs::read_to_string(dir.join("node.pid"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+}
+
+/// Who holds state directory `dir`: the lock's holder (from the kernel's lock table) checked
+/// against the pid `node.pid` records.
+pub fn node_pid_checked(dir: &Path) -> NodeProcess {
+    if !StateLock::is_held(dir) {
+        return NodeProcess::None;
+    }
+    let holder = StateLock::holder(dir);
+    let recorded = read_pid_file(dir);
+    match (holder, recorded) {
+        (Some(h), Some(r)) if h == r => NodeProcess::Running(h),
+        _ => NodeProcess::Unverified { holder, recorded },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Backoff;
+    use std::time::Duration;
+
+    #[test]
+    fn backoff_grows_to_its_cap_with_jitter() {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(3));
+        let pauses: Vec<Duration> = (0..40).map(|_| backoff.next_pause()).collect();
+        assert!(pauses[0] >= Duration::from_millis(50) && pauses[0] <= Duration::from_millis(100));
+        assert!(
+            pauses.iter().all(|p| *p <= Duration::from_secs(5)),
+            "{pauses:?}"
+        );
+        let late = &pauses[10..];
+        assert!(
+            late.iter().all(|p| *p >= Duration::from_millis(2500)),
+            "{late:?}"
+        );
+        let distinct: std::collections::HashSet<_> = late.iter().collect();
+        assert!(distinct.len() > 20, "no jitter: {late:?}");
+    }
 }
