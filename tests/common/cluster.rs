@@ -385,3 +385,169 @@ pub async fn status_json(port: u16) -> Result<serde_json::Value, Box<dyn std::er
     }
     Ok(serde_json::from_slice(&out.stdout)?)
 }
+
+// ---- Additions for the CLI hardening tests (tests/cli_hardening.rs) ----
+
+impl NodeProc {
+    /// Like [`NodeProc::start`], with the state directory chosen by the caller (`dir` is removed
+    /// when the node is dropped); `args` must not hold `--state-dir`.
+    pub async fn start_in(
+        args: &[&str],
+        env: &[(&str, &str)],
+        dir: TempDir,
+    ) -> Result<Self, Box<dyn std::error::Error>> {
+        let mut node = NodeProc::start_with_cwd(args, env, dir.path(), None).await?;
+        node._dir = dir;
+        Ok(node)
+    }
+
+    /// A CLI process (role `cli`) with `args` as given (no `--state-dir` added), in `cwd` when
+    /// given; its output is collected like a node's.
+    pub async fn start_with_cwd(
+        args: &[&str],
+        env: &[(&str, &str)],
+        state_dir: &Path,
+        cwd: Option<&Path>,
+    ) -> Result<Self, Box<dyn std::error::Error>> {
+        let scratch = TempDir::new("cli")?;
+        let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
+        cmd.env(ROLE, "cli")
+            .env("DC_LOG", "info")
+            .env_remove("DC_FAKE_GPUS")
+            .env_remove("CUDA_VISIBLE_DEVICES")
+            .args(args)
+            .arg("--state-dir")
+            .arg(state_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        if let Some(cwd) = cwd {
+            cmd.current_dir(cwd);
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn()?;
+        let output = Arc::new(Mutex::new(Vec::new()));
+        for stream in [
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let output = output.clone();
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(stream).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    output.lock().expect("output lock").push(line);
+                }
+            });
+        }
+        Ok(NodeProc {
+            child,
+            output,
+            _dir: scratch,
+        })
+    }
+
+    /// Wait (at most `limit`) for the process to exit; its status, or `None` if it still runs.
+    pub async fn exit_within(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        tokio::time::timeout(limit, self.child.wait())
+            .await
+            .ok()
+            .and_then(Result::ok)
+    }
+}
+
+/// A plain password-protected redis-server (no head node) on `port`; killed when dropped.
+pub struct RedisServerProc {
+    pub child: tokio::process::Child,
+    pub port: u16,
+}
+
+impl RedisServerProc {
+    /// Start it and wait (at most 15 s) until it answers `PING` with `password`.
+    pub async fn start(port: u16, password: &str) -> Result<Self, Box<dyn std::error::Error>> {
+        let child = tokio::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--requirepass",
+                password,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        let up = eventually(Duration::from_secs(15), || async {
+            tokio::process::Command::new("redis-cli")
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &port.to_string(),
+                    "--no-auth-warning",
+                ])
+                .env("REDISCLI_AUTH", password)
+                .arg("PING")
+                .stdin(Stdio::null())
+                .output()
+                .await
+                .map(|o| String::from_utf8_lossy(&o.stdout).contains("PONG"))
+                .unwrap_or(false)
+        })
+        .await;
+        if !up {
+            return Err(format!("redis-server on port {port} never answered").into());
+        }
+        Ok(RedisServerProc { child, port })
+    }
+}
+
+/// Run this executable as the CLI (role `cli`) to completion, with `args`, extra `env`, and
+/// `env_remove` removed; (exit status, stdout, stderr).
+pub async fn run_cli(
+    args: &[&str],
+    env: &[(&str, &str)],
+    env_remove: &[&str],
+    cwd: Option<&Path>,
+) -> Result<(std::process::ExitStatus, String, String), Box<dyn std::error::Error>> {
+    let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
+    cmd.env(ROLE, "cli")
+        .env("DC_LOG", "info")
+        .args(args)
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    for k in env_remove {
+        cmd.env_remove(k);
+    }
+    if let Some(cwd) = cwd {
+        cmd.current_dir(cwd);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .map_err(|_| format!("the CLI {args:?} did not finish within 60 s"))??;
+    Ok((
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
