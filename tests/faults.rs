@@ -93,6 +93,7 @@ fn main() -> ExitCode {
             240
         ),
         trial!(node_killed_holding_batched_jobs_every_job_once, 240),
+        trial!(busy_node_keeps_its_big_and_long_jobs, 400),
     ];
     libtest_mimic::run(&args, tests).exit_code()
 }
@@ -1420,6 +1421,88 @@ async fn node_killed_holding_batched_jobs_every_job_once() -> Result<(), Failed>
     check!(errors.is_empty(), "errors: {errors:?}");
     check!(twice == 0, "{twice} results delivered twice");
     check!(count == N, "{count} of {N} results");
+    pool.close().await?;
+    Ok(())
+}
+
+/// Busy loops that keep every core of this machine busy until dropped.
+struct Burners(Vec<std::process::Child>);
+
+impl Burners {
+    fn start(n: usize) -> std::io::Result<Self> {
+        (0..n)
+            .map(|_| {
+                std::process::Command::new("sh")
+                    .args(["-c", "while :; do :; done"])
+                    .stdin(Stdio::null())
+                    .spawn()
+            })
+            .collect::<std::io::Result<_>>()
+            .map(Burners)
+    }
+}
+
+impl Drop for Burners {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Every core busy (three busy loops on this 2-core machine, as data loaders peg a GPU host's
+/// CPUs): a 600 MiB job and two 12 s jobs on a head with 2 workers and a 2 s lease all succeed,
+/// each run exactly once. The lease holds from the take through the payload's arrival, the
+/// run and the result's upload.
+async fn busy_node_keeps_its_big_and_long_jobs() -> Result<(), Failed> {
+    const BIG: usize = 600 << 20;
+    let lease = Duration::from_secs(2);
+    let dir = TempDir::new("busy")?;
+    let runs = dir.path().join("runs");
+    let (_head, port) = start_head(2).await?;
+    let pool = pool_with_lease(port, "busy", Some(lease)).await?;
+    check!(wait_workers(&pool, 2, 1).await, "expected 2 workers");
+    let big: Vec<u8> = (0..BIG).map(|i| (i % 251) as u8).collect();
+    let burners = Burners::start(3)?;
+    let started = Instant::now();
+    let jobs = vec![
+        ProbeJob::ReverseCounted(runs.clone(), 0, serde_bytes::ByteBuf::from(big)),
+        ProbeJob::CountRuns(runs.clone(), 12_000, 1),
+        ProbeJob::CountRuns(runs.clone(), 12_000, 2),
+    ];
+    let items = Collector::new(pool.imap_unordered(jobs))
+        .finish(Duration::from_secs(360))
+        .await?;
+    let took = started.elapsed();
+    drop(burners);
+    let outs = exactly_once(&items, 3, |i| if i == 0 { BIG as i64 } else { i as i64 })?;
+    let reversed = outs[0]
+        .0
+        .bytes
+        .as_ref()
+        .ok_or("the big job returned no bytes")?;
+    check!(
+        reversed.len() == BIG
+            && reversed
+                .iter()
+                .enumerate()
+                .all(|(i, b)| *b == ((BIG - 1 - i) % 251) as u8),
+        "the big job's output is not its input reversed"
+    );
+    for value in 0..3 {
+        let all = runs_of(&runs, value);
+        check!(
+            all.len() == 1,
+            "job {value} ran {} times on a busy live node: {all:?}",
+            all.len()
+        );
+    }
+    eprintln!(
+        "MEASURE busy node: a {} MiB job and two 12 s jobs, 3 busy loops on 2 cores, lease {lease:?}: each ran once, all done after {:.1} s",
+        BIG >> 20,
+        secs(took)
+    );
     pool.close().await?;
     Ok(())
 }

@@ -51,6 +51,9 @@ pub enum ProbeJob {
     /// run starts), sleep this many milliseconds, then echo: counts how often a job ran, where
     /// and when.
     CountRuns(PathBuf, u64, i64),
+    /// Record a run in the file (as `CountRuns`), then return the bytes reversed (as
+    /// `Reverse`; the value is the length): counts how often a big job ran.
+    ReverseCounted(PathBuf, i64, serde_bytes::ByteBuf),
     /// Record a run in the first file (as `CountRuns`), then wait until the second path exists
     /// (at most 120 s), then echo: holds a worker busy until the test releases it.
     Gate(PathBuf, PathBuf, i64),
@@ -101,6 +104,13 @@ impl Worker for Probe {
         let mut bytes = None;
         let value = match job {
             ProbeJob::Reverse(mut buf) => {
+                buf.reverse();
+                let n = buf.len() as i64;
+                bytes = Some(buf);
+                n
+            }
+            ProbeJob::ReverseCounted(file, v, mut buf) => {
+                record_run(&file, v, self.ctx.worker_id())?;
                 buf.reverse();
                 let n = buf.len() as i64;
                 bytes = Some(buf);

@@ -46,6 +46,8 @@ const PENDING_PAGE: usize = 1000;
 /// Every this many heartbeats a node also deletes the keys of sessions that expired, so a pool
 /// that vanished is cleaned up even if no other pool calls `reap_expired`.
 const PURGE_EVERY: u64 = 32;
+/// How often a lease is renewed while its job's payload is fetched.
+const FETCH_RENEW_EVERY: Duration = Duration::from_millis(500);
 /// How long a lease holder's presence connection must be missing before its leases go.
 const NODE_GONE_AFTER: Duration = Duration::from_millis(400);
 
@@ -429,6 +431,45 @@ impl RedisBroker {
             ))),
             Err(what) => Err(bad(what)),
         }
+    }
+
+    /// [`RedisBroker::fetch`] a leased job's payload, renewing its lease all the while: the
+    /// node's heartbeat renews it only once `take_jobs` has returned, and a big payload on a
+    /// busy machine may take longer than the lease to arrive.
+    async fn fetch_leased(
+        &self,
+        lease: &Lease,
+        key: &str,
+        n: usize,
+        len: usize,
+    ) -> Result<Bytes, BrokerError> {
+        let fetch = self.fetch(key, n, len);
+        tokio::pin!(fetch);
+        let mut tick = tokio::time::interval(FETCH_RENEW_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.reset();
+        loop {
+            tokio::select! {
+                fetched = &mut fetch => return fetched,
+                _ = tick.tick() => {
+                    if let Err(e) = self.renew(lease).await {
+                        tracing::debug!(job = %lease.job, error = %e, "renewing a lease while its payload arrives failed");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Renew one lease (as a heartbeat does for all of a node's).
+    async fn renew(&self, lease: &Lease) -> Result<(), BrokerError> {
+        let mut inv = SCRIPTS.renew.prepare_invoke();
+        inv.key(self.keys().meta(&lease.session))
+            .arg(self.keys().base(&lease.session))
+            .arg(&lease.node.0)
+            .arg(lease.job.0)
+            .arg(lease.attempt)
+            .arg(&lease.token);
+        self.run_in(&lease.session, &inv).await.map(drop)
     }
 
     /// Put a payload where a script can take it: inline when small, else staged by chunks.
@@ -895,10 +936,14 @@ impl RedisBroker {
                     Some(data) => Bytes::from(data),
                     None => match string(holder)? {
                         holder if holder.starts_with(&base) => {
-                            self.fetch(&holder, uint(&n)?, uint(&len)?).await?
+                            self.fetch_leased(&lease, &holder, uint(&n)?, uint(&len)?)
+                                .await?
                         }
                         _ => {
-                            return Err(bad(format!("{}'s payload is in a foreign key", lease.job)));
+                            return Err(bad(format!(
+                                "{}'s payload is in a foreign key",
+                                lease.job
+                            )));
                         }
                     },
                 };
