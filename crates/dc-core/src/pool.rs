@@ -945,6 +945,11 @@ async fn retry_pause(failures: u32) {
     .await;
 }
 
+/// How long jobs wait with no worker for their kind before the pool says so…
+const UNSERVED_WARN_AFTER: Duration = Duration::from_secs(10);
+/// …and how often it says it again while that lasts.
+const UNSERVED_WARN_EVERY: Duration = Duration::from_secs(60);
+
 /// Read results from the broker and hand each to the call waiting for it.
 async fn dispatch_results(shared: Arc<Shared>) {
     let mut failures = 0u32;
@@ -979,6 +984,8 @@ async fn dispatch_results(shared: Arc<Shared>) {
 async fn keep_alive(shared: Arc<Shared>) {
     let period = (shared.spec.lease / 4).min(Duration::from_millis(250));
     let mut problems_seen = 0;
+    // Since when jobs wait with no worker for them, and when that was last said.
+    let mut unserved: Option<(tokio::time::Instant, Option<tokio::time::Instant>)> = None;
     loop {
         tokio::time::sleep(period).await;
         let session = shared.id();
@@ -1004,10 +1011,29 @@ async fn keep_alive(shared: Arc<Shared>) {
             tracing::error!("{problem}");
         }
         problems_seen = stats.problems.len();
-        if shared.routes().is_empty() {
+        let waiting = shared.routes().len();
+        if waiting == 0 || stats.workers > 0 || stats.starting > 0 {
+            unserved = None;
             continue;
         }
-        if stats.workers > 0 || stats.starting > 0 || stats.problems.is_empty() {
+        // Jobs wait and no worker serves or starts: say so after a while, and now and then.
+        let now = tokio::time::Instant::now();
+        let (since, said) = unserved.get_or_insert((now, None));
+        let due = match said {
+            None => now.duration_since(*since) >= UNSERVED_WARN_AFTER,
+            Some(at) => now.duration_since(*at) >= UNSERVED_WARN_EVERY,
+        };
+        if due {
+            *said = Some(now);
+            tracing::warn!(
+                waiting,
+                kind = %shared.spec.kind,
+                for_s = now.duration_since(*since).as_secs(),
+                "jobs wait, and no worker serves this pool's kind: start a node that serves it \
+                 (`dc-cli start-node`), or check that the running nodes can reach the broker"
+            );
+        }
+        if stats.problems.is_empty() {
             continue;
         }
         // Jobs wait, no worker serves or starts, and nodes said why: tell the callers.
