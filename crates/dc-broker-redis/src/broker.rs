@@ -46,6 +46,8 @@ const PENDING_PAGE: usize = 1000;
 /// Every this many heartbeats a node also deletes the keys of sessions that expired, so a pool
 /// that vanished is cleaned up even if no other pool calls `reap_expired`.
 const PURGE_EVERY: u64 = 32;
+/// Jobs checked per `lost` script call.
+const LOST_BATCH: usize = 1000;
 /// How often a lease is renewed while its job's payload is fetched.
 const FETCH_RENEW_EVERY: Duration = Duration::from_millis(500);
 /// How long a lease holder's presence connection must be missing before its leases go.
@@ -71,6 +73,7 @@ struct Scripts {
     nodes: Script,
     report_problem: Script,
     active: Script,
+    lost: Script,
     sessions: Script,
 }
 
@@ -142,6 +145,10 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     active: Script::new(concat!(
         include_str!("../lua/lib.lua"),
         include_str!("../lua/active.lua")
+    )),
+    lost: Script::new(concat!(
+        include_str!("../lua/lib.lua"),
+        include_str!("../lua/lost.lua")
     )),
     sessions: Script::new(concat!(
         include_str!("../lua/lib.lua"),
@@ -1144,6 +1151,26 @@ impl Broker for RedisBroker {
                 .await;
         }
         Ok(None)
+    }
+
+    async fn lost_jobs(
+        &self,
+        session: &SessionId,
+        jobs: &[JobId],
+    ) -> Result<Vec<JobId>, BrokerError> {
+        let mut lost = Vec::new();
+        for batch in jobs.chunks(LOST_BATCH) {
+            let mut inv = SCRIPTS.lost.prepare_invoke();
+            inv.key(self.keys().meta(session))
+                .arg(self.keys().base(session));
+            for job in batch {
+                inv.arg(job.0);
+            }
+            for id in array(self.run_in(session, &inv).await?)? {
+                lost.push(JobId(parse_job_id(id)?));
+            }
+        }
+        Ok(lost)
     }
 
     async fn keep_session_alive(&self, session: &SessionId) -> Result<SessionState, BrokerError> {

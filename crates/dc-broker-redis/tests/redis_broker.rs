@@ -748,3 +748,244 @@ async fn open_dyn(broker: &dyn Broker) -> SessionId {
         .expect("no other session is active")
         .id
 }
+
+/// `lost_jobs` names the jobs the broker no longer holds (their records removed, so that they
+/// can be submitted again), queues again a job whose stream entry is gone, and announces again
+/// a kept result whose notice is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_jobs_are_named_and_what_can_be_repaired_is() {
+    let (broker, prefix) = broker().await;
+    let s = open(&broker, Duration::from_secs(30)).await;
+    let base = format!("{prefix}:{{{}}}:", s.0);
+    let mut conn = raw();
+    let mut plant = |args: &[&str]| {
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        cmd.query::<redis::Value>(&mut conn).expect("plant a value");
+    };
+    let jobs: Vec<NewJob> = (1..=5)
+        .map(|i| NewJob {
+            id: JobId(i),
+            payload: Bytes::from(vec![i as u8; 8]),
+            update_seq: 0,
+        })
+        .collect();
+    broker.submit(&s, jobs).await.expect("submit");
+    let (node, worker) = (NodeId("n".into()), WorkerId("n/0".into()));
+    let mut leased = Vec::new();
+    while leased.len() < 2 {
+        leased.extend(
+            broker
+                .take_jobs(
+                    &s,
+                    &node,
+                    &worker,
+                    2 - leased.len(),
+                    Duration::from_millis(200),
+                )
+                .await
+                .expect("take"),
+        );
+    }
+    // Jobs 1 and 2 finish: 1 with a small result (it travels in its notice), 2 with a large
+    // one (kept in out:2).
+    leased.sort_by_key(|j| j.lease.job);
+    broker
+        .complete(&leased[0].lease, Ok(Bytes::from_static(b"one")))
+        .await
+        .expect("complete 1");
+    broker
+        .complete(&leased[1].lease, Ok(pattern(300 << 10, 2)))
+        .await
+        .expect("complete 2");
+    // Damage: both notices lost, job 3's record gone, job 4's queue entry gone.
+    plant(&["DEL", &format!("{base}results")]);
+    plant(&["DEL", &format!("{base}job:3")]);
+    let entry: String = {
+        let mut c = raw();
+        redis::cmd("HGET")
+            .arg(format!("{base}job:4"))
+            .arg("e")
+            .query(&mut c)
+            .expect("job 4's entry")
+    };
+    plant(&["XDEL", &format!("{base}jobs"), &entry]);
+    let lost = broker
+        .lost_jobs(&s, &[JobId(1), JobId(2), JobId(3), JobId(4), JobId(5)])
+        .await
+        .expect("lost_jobs");
+    assert_eq!(lost, vec![JobId(1), JobId(3)]);
+    // Job 2's result is announced again; jobs 4 and 5 can be taken; 1 and 3 submitted again
+    // run once more.
+    let results = broker
+        .take_results(&s, 10, Duration::from_secs(2))
+        .await
+        .expect("take_results");
+    assert_eq!(
+        results.iter().map(|r| r.job).collect::<Vec<_>>(),
+        vec![JobId(2)]
+    );
+    assert_eq!(results[0].outcome, JobOutcome::Done(pattern(300 << 10, 2)));
+    let again: Vec<NewJob> = [1u64, 3]
+        .iter()
+        .map(|&i| NewJob {
+            id: JobId(i),
+            payload: Bytes::from(vec![i as u8; 8]),
+            update_seq: 0,
+        })
+        .collect();
+    broker
+        .submit(&s, again)
+        .await
+        .expect("submit the lost jobs");
+    let mut ids = Vec::new();
+    while let Some(job) = broker
+        .take_job(&s, &node, &worker, Duration::from_millis(200))
+        .await
+        .expect("take")
+    {
+        assert_eq!(job.payload, Bytes::from(vec![job.lease.job.0 as u8; 8]));
+        ids.push(job.lease.job.0);
+    }
+    ids.sort_unstable();
+    assert_eq!(ids, vec![1, 3, 4, 5]);
+    assert!(
+        broker
+            .lost_jobs(&s, &[JobId(1), JobId(3), JobId(4), JobId(5)])
+            .await
+            .expect("lost_jobs")
+            .is_empty(),
+        "leased jobs are not lost"
+    );
+}
+
+struct Doubler;
+
+impl dc_core::Worker for Doubler {
+    const KIND: &'static str = "doubler";
+    type Init = ();
+    type Job = u32;
+    type Output = u32;
+    type Update = ();
+
+    fn new(_: (), _: &dc_core::WorkerContext) -> Result<Self, dc_core::BoxError> {
+        Ok(Doubler)
+    }
+    fn run(&mut self, job: u32) -> Result<u32, dc_core::BoxError> {
+        Ok(2 * job)
+    }
+}
+
+/// A pool whose job vanished from the broker (its record and its queue entry deleted behind
+/// the broker's back) does not wait forever: after a stretch without results it finds the job
+/// lost, submits it again, and every result arrives once. This test plays the node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_submits_again_a_job_the_broker_lost() {
+    use futures::StreamExt;
+    let (broker, prefix) = broker().await;
+    let broker = Arc::new(broker);
+    let pool = dc_core::Pool::<Doubler>::builder(())
+        .broker_instance(broker.clone())
+        .connect()
+        .await
+        .expect("connect");
+    let s = SessionId(pool.session_id());
+    let base = format!("{prefix}:{{{}}}:", s.0);
+    let pool = Arc::new(pool);
+    // The stream submits its jobs as it is read: read it on a task of its own.
+    let reader = {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let mut stream = pool.imap_unordered(vec![1u32, 2, 3]);
+            let mut got = Vec::new();
+            while got.len() < 3 {
+                match tokio::time::timeout(Duration::from_secs(40), stream.next()).await {
+                    Ok(Some(Ok(item))) => got.push(item),
+                    other => panic!("expected every result within 40 s, got {other:?}"),
+                }
+            }
+            got
+        })
+    };
+    // Once the jobs are queued, job 2 vanishes: its record and its queue entry.
+    let mut conn = raw();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let entry = loop {
+        let e: Option<String> = redis::cmd("HGET")
+            .arg(format!("{base}job:2"))
+            .arg("e")
+            .query(&mut conn)
+            .expect("HGET");
+        if let Some(e) = e {
+            break e;
+        }
+        assert!(Instant::now() < deadline, "job 2 was never submitted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    redis::cmd("XDEL")
+        .arg(format!("{base}jobs"))
+        .arg(&entry)
+        .query::<i64>(&mut conn)
+        .expect("XDEL");
+    redis::cmd("DEL")
+        .arg(format!("{base}job:2"))
+        .query::<i64>(&mut conn)
+        .expect("DEL");
+    // The node: runs every job it can take.
+    let node = {
+        let broker = broker.clone();
+        let s = s.clone();
+        tokio::spawn(async move {
+            let (n, w) = (NodeId("n".into()), WorkerId("n/0".into()));
+            // Its one worker, idle between jobs, as a node's heartbeat reports it.
+            let status = NodeStatus {
+                node: n.clone(),
+                host: "h".into(),
+                kinds: vec!["doubler".into()],
+                workers: vec![dc_core::broker::WorkerStatus {
+                    worker: w.clone(),
+                    session: Some(s.clone()),
+                    state: dc_core::broker::WorkerState::Idle,
+                    devices: vec![],
+                }],
+                leases: vec![],
+            };
+            let mut ran = Vec::new();
+            loop {
+                broker.heartbeat(&status).await.expect("heartbeat");
+                let Ok(Some(job)) = broker
+                    .take_job(&s, &n, &w, Duration::from_millis(200))
+                    .await
+                else {
+                    if ran.len() >= 3 {
+                        return ran;
+                    }
+                    continue;
+                };
+                let x: u32 = ciborium::from_reader(job.payload.as_ref()).expect("a u32 job");
+                let mut out = Vec::new();
+                ciborium::into_writer(&(2 * x), &mut out).expect("encode");
+                broker
+                    .complete(&job.lease, Ok(Bytes::from(out)))
+                    .await
+                    .expect("complete");
+                ran.push(x);
+            }
+        })
+    };
+    let started = Instant::now();
+    let mut got = reader.await.expect("the reader");
+    let took = started.elapsed();
+    got.sort_unstable();
+    assert_eq!(got, vec![(0, 2), (1, 4), (2, 6)]);
+    let mut ran = node.await.expect("the node");
+    ran.sort_unstable();
+    assert_eq!(ran, vec![1, 2, 3], "each job ran once");
+    assert!(
+        took >= Duration::from_secs(9),
+        "job 2 came back after {took:?}, before any check"
+    );
+    pool.close().await.expect("close");
+}

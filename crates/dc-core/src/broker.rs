@@ -477,6 +477,20 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
     ) -> Result<Vec<JobResult>, BrokerError>;
     /// Counts of workers, nodes and jobs, and reported problems.
     async fn session_stats(&self, session: &SessionId) -> Result<SessionStats, BrokerError>;
+    /// Of `jobs` (submitted to `session`, their results not yet handed out), those the broker
+    /// no longer holds in any form: neither queued, leased, nor finished with a result still to
+    /// hand out. A backend whose state can be lost or damaged (a server restarted from an old
+    /// snapshot, keys changed behind its back) repairs what it can and names the rest, and the
+    /// pool submits those again (it keeps their payloads); the default, for a backend that
+    /// loses nothing, is none. The pool asks only after a long stretch without any result.
+    async fn lost_jobs(
+        &self,
+        session: &SessionId,
+        jobs: &[JobId],
+    ) -> Result<Vec<JobId>, BrokerError> {
+        let _ = (session, jobs);
+        Ok(Vec::new())
+    }
     /// Requeue (or fail) jobs whose lease expired; returns how many. Anyone may call it.
     async fn reap_expired(&self) -> Result<usize, BrokerError>;
     /// Nodes heard from within `within`, with their last status (for status output).

@@ -460,6 +460,8 @@ struct Shared {
     /// Every update published, in order: replayed into a new session after a broker loss.
     /// Held across a publish so updates and recovery never interleave.
     updates: tokio::sync::Mutex<Vec<Bytes>>,
+    /// When the last result arrived (or the pool opened).
+    last_result: Mutex<tokio::time::Instant>,
     closed: AtomicBool,
 }
 
@@ -532,8 +534,37 @@ impl Shared {
         Ok(info.id)
     }
 
+    /// Ask the broker which outstanding jobs it no longer holds, and submit those again (with
+    /// their payloads and update positions). Called after a long stretch without results, when
+    /// the broker's counts cannot account for every job still awaited.
+    async fn resubmit_lost(&self, session: &SessionId) -> Result<usize, BrokerError> {
+        let mut ids: Vec<JobId> = self.routes().keys().copied().collect();
+        ids.sort_unstable();
+        let lost = self.broker.lost_jobs(session, &ids).await?;
+        if lost.is_empty() {
+            return Ok(0);
+        }
+        let jobs: Vec<NewJob> = {
+            let routes = self.routes();
+            lost.iter()
+                .filter_map(|id| {
+                    routes.get(id).map(|r| NewJob {
+                        id: *id,
+                        payload: r.payload.clone(),
+                        update_seq: r.update_seq,
+                    })
+                })
+                .collect()
+        };
+        for batch in jobs.chunks(SUBMIT_BATCH) {
+            self.broker.submit(session, batch.to_vec()).await?;
+        }
+        Ok(jobs.len())
+    }
+
     /// Hand a result to its caller; a second result for the same job finds no route.
     fn deliver(&self, result: JobResult) {
+        *self.last_result.lock().unwrap_or_else(|p| p.into_inner()) = tokio::time::Instant::now();
         let route = self.routes().remove(&result.job);
         match route {
             Some(route) => {
@@ -596,6 +627,7 @@ impl<W: Worker, C: Connector> Pool<W, C> {
             next_job: AtomicU64::new(1),
             update_seq: AtomicU64::new(0),
             routes: Mutex::new(HashMap::new()),
+            last_result: Mutex::new(tokio::time::Instant::now()),
             closed: AtomicBool::new(false),
         });
         let tasks = vec![
@@ -945,6 +977,9 @@ async fn retry_pause(failures: u32) {
     .await;
 }
 
+/// How long a pool goes without any result before it asks the broker which of its jobs were
+/// lost (and at most how often it asks).
+const LOST_CHECK_AFTER: Duration = Duration::from_secs(10);
 /// How long jobs wait with no worker for their kind before the pool says so…
 const UNSERVED_WARN_AFTER: Duration = Duration::from_secs(10);
 /// …and how often it says it again while that lasts.
@@ -986,6 +1021,7 @@ async fn keep_alive(shared: Arc<Shared>) {
     let mut problems_seen = 0;
     // Since when jobs wait with no worker for them, and when that was last said.
     let mut unserved: Option<(tokio::time::Instant, Option<tokio::time::Instant>)> = None;
+    let mut last_lost_check: Option<tokio::time::Instant> = None;
     loop {
         tokio::time::sleep(period).await;
         let session = shared.id();
@@ -1012,6 +1048,32 @@ async fn keep_alive(shared: Arc<Shared>) {
         }
         problems_seen = stats.problems.len();
         let waiting = shared.routes().len();
+        // No result for a long while, and either the broker's counts do not cover every job
+        // still awaited, or jobs are counted queued while workers sit idle: ask which jobs it
+        // lost (a damaged or restarted server), and submit those again.
+        let quiet = shared
+            .last_result
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed();
+        if waiting > 0
+            && quiet >= LOST_CHECK_AFTER
+            && (stats.queued + stats.running < waiting
+                || (stats.queued > 0 && stats.running < stats.workers))
+            && last_lost_check.is_none_or(|at| at.elapsed() >= LOST_CHECK_AFTER)
+        {
+            last_lost_check = Some(tokio::time::Instant::now());
+            match shared.resubmit_lost(&session).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::warn!(
+                        jobs = n,
+                        "the broker had lost jobs this pool waits for; submitted them again"
+                    )
+                }
+                Err(e) => tracing::warn!(error = %e, "checking for lost jobs failed"),
+            }
+        }
         if waiting == 0 || stats.workers > 0 || stats.starting > 0 {
             unserved = None;
             continue;
