@@ -69,7 +69,8 @@ pub enum PoolError {
     /// A payload exceeds the limit of the broker or the worker channel.
     #[error("payload of {size} bytes exceeds the limit of {limit} bytes")]
     PayloadTooLarge {
-        /// Encoded size.
+        /// Encoded size (or, for a payload refused while it was encoded, how far the encoding
+        /// got: past the limit).
         size: usize,
         /// The limit.
         limit: usize,
@@ -104,7 +105,8 @@ pub enum BrokerError {
     /// A payload too large for this broker.
     #[error("payload of {size} bytes exceeds the broker limit of {limit} bytes")]
     PayloadTooLarge {
-        /// Encoded size.
+        /// Encoded size (or, for a payload refused while it was encoded, how far the encoding
+        /// got: past the limit).
         size: usize,
         /// The limit.
         limit: usize,

@@ -427,6 +427,47 @@ fn to_cbor<T: Serialize>(value: &T) -> Result<Bytes, String> {
     Ok(Bytes::from(buf))
 }
 
+/// A writer that refuses to grow past `limit` bytes.
+struct Limited {
+    buf: Vec<u8>,
+    limit: usize,
+    /// Bytes offered in all, the refused ones included.
+    offered: usize,
+}
+
+impl std::io::Write for Limited {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.offered = self.offered.saturating_add(data.len());
+        if self.buf.len() + data.len() > self.limit {
+            return Err(std::io::Error::other("over the payload limit"));
+        }
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// CBOR of `value` for a payload of at most `limit` bytes: a value over the limit is refused
+/// as soon as its encoding passes it, not after all of it was encoded (`what` names it in a
+/// codec error).
+fn to_payload<T: Serialize>(value: &T, limit: usize, what: &str) -> Result<Bytes, PoolError> {
+    let mut out = Limited {
+        buf: Vec::new(),
+        limit,
+        offered: 0,
+    };
+    match ciborium::into_writer(value, &mut out) {
+        Ok(()) => Ok(Bytes::from(out.buf)),
+        Err(_) if out.offered > limit => Err(PoolError::PayloadTooLarge {
+            size: out.offered,
+            limit,
+        }),
+        Err(e) => Err(PoolError::codec(what, e)),
+    }
+}
+
 /// What the dispatcher hands to a waiting call.
 #[derive(Debug)]
 enum Delivery {
@@ -700,10 +741,11 @@ impl<W: Worker, C: Connector> Pool<W, C> {
         I: IntoIterator<Item = W::Job>,
         W::Output: Send,
     {
+        let limit = self.shared.broker.max_payload();
         let prepared: Vec<Result<Bytes, PoolError>> = jobs
             .into_iter()
             .enumerate()
-            .map(|(i, job)| to_cbor(&job).map_err(|e| PoolError::codec(&format!("job {i}"), e)))
+            .map(|(i, job)| to_payload(&job, limit, &format!("job {i}")))
             .collect();
         let (tx, rx) = mpsc::unbounded_channel();
         let state = Imap::<W> {
@@ -748,14 +790,7 @@ impl<W: Worker, C: Connector> Pool<W, C> {
     /// [`PoolError::Closed`], [`PoolError::PayloadTooLarge`], or a broker error.
     pub async fn update_workers(&self, update: W::Update) -> Result<(), PoolError> {
         self.check_open()?;
-        let payload = to_cbor(&update).map_err(|e| PoolError::codec("update", e))?;
-        let limit = self.shared.broker.max_payload();
-        if payload.len() > limit {
-            return Err(PoolError::PayloadTooLarge {
-                size: payload.len(),
-                limit,
-            });
-        }
+        let payload = to_payload(&update, self.shared.broker.max_payload(), "update")?;
         let mut log = self.shared.updates.lock().await;
         let seq = loop {
             let session = self.shared.id();
@@ -1127,7 +1162,26 @@ async fn keep_alive(shared: Arc<Shared>) {
 
 #[cfg(test)]
 mod tests {
-    use super::redact_url;
+    use super::{redact_url, to_payload};
+    use crate::PoolError;
+
+    #[test]
+    fn a_payload_over_the_limit_is_refused_before_it_is_all_encoded() {
+        // 100 MB as an array of integers: about 200 MB of CBOR if it were all encoded.
+        let big = vec![200u8; 100_000_000];
+        match to_payload(&big, 1 << 20, "job 0") {
+            Err(PoolError::PayloadTooLarge { size, limit }) => {
+                assert_eq!(limit, 1 << 20);
+                assert!(
+                    size > limit && size < limit + (64 << 10),
+                    "encoding went on to {size} bytes"
+                );
+            }
+            other => panic!("expected PayloadTooLarge, got {other:?}"),
+        }
+        let small = to_payload(&vec![1u8, 2, 3], 1 << 20, "job 1").expect("under the limit");
+        assert_eq!(small.as_ref(), [0x83, 1, 2, 3]);
+    }
 
     #[test]
     fn urls_lose_their_password_in_logs() {
