@@ -1367,16 +1367,34 @@ impl Broker for RedisBroker {
         let mut items = array(self.run(&inv).await?)?.into_iter();
         let now = int(&items.next().ok_or_else(|| bad("empty reply"))?)?;
         let mut seen = Vec::new();
+        // One node's unreadable entry must not hide the others: it is skipped, and said.
+        let mut unreadable = 0usize;
         for item in items {
-            let [_, at, status] = take::<3>(item)?;
-            let Some(status) = opt_bytes(status)? else {
-                continue;
-            };
-            let ago = u64::try_from(now - int(&at)?).unwrap_or(0);
-            seen.push(NodeSeen {
-                status: from_cbor("a node status", &status)?,
-                ago: Duration::from_millis(ago),
-            });
+            let entry = (|| {
+                let [_, at, status] = take::<3>(item)?;
+                let Some(status) = opt_bytes(status)? else {
+                    return Ok(None);
+                };
+                let ago = u64::try_from(now.saturating_sub(int(&at)?)).unwrap_or(0);
+                Ok::<_, BrokerError>(Some(NodeSeen {
+                    status: from_cbor("a node status", &status)?,
+                    ago: Duration::from_millis(ago),
+                }))
+            })();
+            match entry {
+                Ok(Some(node)) => seen.push(node),
+                Ok(None) => {}
+                Err(e) => {
+                    unreadable += 1;
+                    tracing::debug!(error = %e, "a node entry cannot be read");
+                }
+            }
+        }
+        if unreadable > 0 {
+            tracing::warn!(
+                unreadable,
+                "skipped node entries in the broker that cannot be read"
+            );
         }
         seen.sort_by(|a, b| a.status.node.cmp(&b.status.node));
         Ok(seen)
