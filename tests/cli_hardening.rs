@@ -180,8 +180,12 @@ async fn a_wrong_password_fails_at_once_instead_of_waiting() -> TestResult {
         "a node with a wrong password did not fail: {status:?}\n{}",
         node.output()
     );
+    // The exit can come before the reader has collected the last lines.
+    let told = node
+        .wait_for_output("refused the password", Duration::from_secs(5))
+        .await;
     let output = node.output();
-    check!(output.contains("password"), "unclear error:\n{output}");
+    check!(told, "unclear error:\n{output}");
     check!(!output.contains(WAITING), "it waited:\n{output}");
     check!(
         !output.contains("not-the-password"),
@@ -233,7 +237,8 @@ async fn a_service_that_is_not_redis_is_named_as_such_at_once() -> TestResult {
         node.output()
     );
     check!(
-        node.output().contains("does not speak the Redis protocol"),
+        node.wait_for_output("does not speak the Redis protocol", Duration::from_secs(5))
+            .await,
         "{}",
         node.output()
     );
@@ -374,7 +379,11 @@ async fn external_workers_cannot_replace_a_registered_kind() -> TestResult {
         node.output()
     );
     check!(
-        node.output().contains("\"probe\"") && node.output().contains("cannot replace"),
+        node.wait_for_output(
+            "\"probe\" is a kind this node binary registers: an external program cannot replace it",
+            Duration::from_secs(5)
+        )
+        .await,
         "{}",
         node.output()
     );
@@ -410,7 +419,8 @@ async fn a_bind_address_that_is_not_an_address_is_refused() -> TestResult {
             head.output()
         );
         check!(
-            head.output().contains("bind address"),
+            head.wait_for_output("bind address", Duration::from_secs(5))
+                .await,
             "--bind {bind:?}: {}",
             head.output()
         );
@@ -499,32 +509,32 @@ async fn planted_symlinks_in_the_state_dir_are_never_followed() -> TestResult {
 async fn stop_signals_only_the_process_holding_the_lock() -> TestResult {
     let state = TempDir::new("stop")?;
     let lock = state.path().join("node.lock");
-    // Another program holds the lock; node.pid names an unrelated process.
-    let mut holder = tokio::process::Command::new("flock")
-        .arg(&lock)
-        .args(["sleep", "120"])
-        .kill_on_drop(true)
-        .spawn()?;
+    // Another process (this test) holds the lock; node.pid names an unrelated process.
+    let file = std::fs::File::create(&lock)?;
+    let held = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|(_, e)| format!("cannot lock {}: {e}", lock.display()))?;
     let mut decoy = tokio::process::Command::new("sleep")
         .arg("120")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()?;
     let decoy_pid = decoy.id().ok_or("decoy gone")?;
     std::fs::write(state.path().join("node.pid"), format!("{decoy_pid}\n"))?;
-    let held = eventually(Duration::from_secs(10), || async {
-        distributed_computing::is_node_running_in(state.path())
-    })
-    .await;
-    check!(held, "flock never took the lock");
+    check!(
+        distributed_computing::is_node_running_in(state.path()),
+        "the lock does not show as held"
+    );
     let dir = state.path().display().to_string();
     let (status, out, err) = run_cli(&["stop", "--state-dir", &dir], &[], &[], None).await?;
     check!(!status.success(), "stop claimed success: {out}{err}");
     check!(err.contains("not signalling"), "{out}{err}");
+    // Had stop signalled the holder, this test process would have died of SIGTERM.
     check!(
-        matches!(decoy.try_wait(), Ok(None)) && matches!(holder.try_wait(), Ok(None)),
+        matches!(decoy.try_wait(), Ok(None)),
         "stop signalled a process that is not the node"
     );
-    let _ = holder.kill().await;
+    drop(held);
     let _ = decoy.kill().await;
     Ok(())
 }
@@ -607,7 +617,10 @@ async fn generated_files_are_private_whatever_was_there_before() -> TestResult {
         NodeProc::start_in(&strs(&worker_args(port, 0, PASSWORD)), &[], TempDir(open)).await?;
     let exit = node.exit_within(Duration::from_secs(15)).await;
     check!(
-        exit.is_some_and(|s| !s.success()) && node.output().contains("writable by other users"),
+        exit.is_some_and(|s| !s.success())
+            && node
+                .wait_for_output("writable by other users", Duration::from_secs(5))
+                .await,
         "a world-writable state dir was used: {exit:?}\n{}",
         node.output()
     );
