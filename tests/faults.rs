@@ -94,6 +94,7 @@ fn main() -> ExitCode {
         ),
         trial!(node_killed_holding_batched_jobs_every_job_once, 240),
         trial!(busy_node_keeps_its_big_and_long_jobs, 400),
+        trial!(hostile_broker_state_never_stops_a_node_or_the_pool, 600),
     ];
     libtest_mimic::run(&args, tests).exit_code()
 }
@@ -1502,6 +1503,191 @@ async fn busy_node_keeps_its_big_and_long_jobs() -> Result<(), Failed> {
         "MEASURE busy node: a {} MiB job and two 12 s jobs, 3 busy loops on 2 cores, lease {lease:?}: each ran once, all done after {:.1} s",
         BIG >> 20,
         secs(took)
+    );
+    pool.close().await?;
+    Ok(())
+}
+
+/// What a planted value may cost: nothing, or the one job it was planted in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cost {
+    Nothing,
+    TheVictim,
+}
+
+/// During a live run on two nodes, values planted in the broker's keys (a huge length, a
+/// non-number, a negative count, another type, a deleted key), in a queued job, the session's
+/// counters and limits, its job stream, results and update log: each time both nodes stay up,
+/// the pool's stream ends with every job once (a result, or an error for the damaged job
+/// alone), and the pool goes on.
+async fn hostile_broker_state_never_stops_a_node_or_the_pool() -> Result<(), Failed> {
+    let (mut head, port) = start_head(1).await?;
+    let mut node = start_worker_node(port, 1, &[]).await?;
+    let pool = pool(port, "hostile").await?;
+    check!(
+        wait_workers(&pool, 2, 2).await,
+        "expected 2 workers on 2 nodes"
+    );
+    type Plant = fn(&str, &str) -> Vec<String>;
+    let cases: Vec<(&str, Cost, Plant)> = vec![
+        (
+            "a job's length of 999999999999 bytes",
+            Cost::TheVictim,
+            |_, job| {
+                vec![
+                    "HSET".into(),
+                    job.into(),
+                    "len".into(),
+                    "999999999999".into(),
+                ]
+            },
+        ),
+        ("a job's chunk count of -5", Cost::TheVictim, |_, job| {
+            vec!["HSET".into(), job.into(), "n".into(), "-5".into()]
+        }),
+        (
+            "a job's attempt number not a number",
+            Cost::Nothing,
+            |_, job| vec!["HSET".into(), job.into(), "att".into(), "x".into()],
+        ),
+        (
+            "a job's record turned into a string",
+            Cost::TheVictim,
+            |_, job| vec!["SET".into(), job.into(), "garbage".into()],
+        ),
+        ("a job's record deleted", Cost::Nothing, |_, job| {
+            vec!["DEL".into(), job.into()]
+        }),
+        (
+            "the session's queued counter not a number",
+            Cost::Nothing,
+            |base, _| {
+                vec![
+                    "HSET".into(),
+                    format!("{base}meta"),
+                    "q".into(),
+                    "zz".into(),
+                ]
+            },
+        ),
+        (
+            "the session's attempt limit emptied",
+            Cost::Nothing,
+            |base, _| {
+                vec![
+                    "HSET".into(),
+                    format!("{base}meta"),
+                    "max".into(),
+                    "".into(),
+                ]
+            },
+        ),
+        (
+            "the results stream turned into a string",
+            Cost::Nothing,
+            |base, _| vec!["SET".into(), format!("{base}results"), "garbage".into()],
+        ),
+        (
+            "the job stream turned into a string",
+            Cost::Nothing,
+            |base, _| vec!["SET".into(), format!("{base}jobs"), "garbage".into()],
+        ),
+        (
+            "the update log turned into a hash",
+            Cost::Nothing,
+            |base, _| vec!["HSET".into(), format!("{base}upd"), "x".into(), "y".into()],
+        ),
+    ];
+    for (name, cost, plant) in cases {
+        let session = pool.session_id();
+        // 12 jobs of 300 ms on 2 workers: the last one is still queued when the value is
+        // planted in it.
+        let started = Instant::now();
+        let stream =
+            Collector::new(pool.imap_unordered((0..12).map(|i| ProbeJob::SleepEcho(300, i))));
+        let mut victim = None;
+        while victim.is_none() && started.elapsed() < Duration::from_secs(10) {
+            let keys = redis_cli(port, &["KEYS", &format!("*:{{{session}}}:job:*")]).await?;
+            let ids: Vec<u64> = keys
+                .lines()
+                .filter_map(|k| k.rsplit(':').next()?.parse().ok())
+                .collect();
+            if ids.len() >= 12 {
+                victim = ids.iter().max().copied();
+            } else {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        let victim = victim.ok_or_else(|| format!("{name}: the jobs never reached the broker"))?;
+        let base = format!("dc:{{{session}}}:");
+        let meta = redis_cli(port, &["EXISTS", &format!("{base}meta")]).await?;
+        check!(meta.trim() == "1", "{name}: no session meta under {base}");
+        let args = plant(&base, &format!("{base}job:{victim}"));
+        redis_cli(port, &args).await?;
+        let items = stream.finish(Duration::from_secs(120)).await?;
+        let took = started.elapsed();
+        let mut seen = vec![0usize; 12];
+        let mut failed = Vec::new();
+        for (item, _) in &items {
+            match item {
+                Ok((i, out)) => {
+                    check!(
+                        *i < 12 && out.value == *i as i64,
+                        "{name}: job {i} returned {}",
+                        out.value
+                    );
+                    seen[*i] += 1;
+                }
+                Err(PoolError::Job { index, message, .. }) => {
+                    check!(*index < 12, "{name}: an error for index {index}");
+                    seen[*index] += 1;
+                    failed.push((*index, message.clone()));
+                }
+                Err(e) => return Err(format!("{name}: the stream failed: {e}").into()),
+            }
+        }
+        check!(
+            seen.iter().all(|n| *n == 1),
+            "{name}: each job once expected, got counts {seen:?} (failed {failed:?})"
+        );
+        match cost {
+            Cost::Nothing => check!(failed.is_empty(), "{name}: jobs failed: {failed:?}"),
+            Cost::TheVictim => check!(
+                failed.len() <= 1 && failed.iter().all(|(i, _)| *i == 11),
+                "{name}: only the damaged job may fail, got {failed:?}"
+            ),
+        }
+        check!(
+            !head.has_exited(),
+            "{name}: the head died:\n{}",
+            head.output()
+        );
+        check!(
+            !node.has_exited(),
+            "{name}: the worker node died:\n{}",
+            node.output()
+        );
+        eprintln!(
+            "MEASURE hostile state: {name}: stream ended after {:.1} s, failed {:?}",
+            secs(took),
+            failed
+                .iter()
+                .map(|(i, m)| format!("{i}: {m}"))
+                .collect::<Vec<_>>()
+        );
+    }
+    // The pool goes on, on both nodes.
+    check!(
+        wait_workers(&pool, 2, 2).await,
+        "the workers did not come back"
+    );
+    let last = pool
+        .map((0..8).map(|i| ProbeJob::SleepEcho(100, i)))
+        .await?;
+    check!(
+        last.iter().map(|o| o.value).eq(0..8),
+        "after the damage: {:?}",
+        last.iter().map(|o| o.value).collect::<Vec<_>>()
     );
     pool.close().await?;
     Ok(())

@@ -70,7 +70,8 @@ end
 
 -- Whether the session meta `meta` is sound enough to work on: it exists and is a hash whose
 -- lease and attempt limit are numbers (and, given the session's key base, its job stream is a
--- stream). A damaged one is reported as a session that is gone: the pool then opens a new
+-- stream and its update log a stream or not yet there). Every script that works on a session
+-- asks the same, so a pool and its nodes agree on a damaged session. A damaged one is reported as a session that is gone: the pool then opens a new
 -- session and submits again what it has not received. Returns the error reply, or nil.
 local function session_error(meta, base)
   local t = redis.call('TYPE', meta)['ok']
@@ -86,9 +87,16 @@ local function session_error(meta, base)
     damaged(meta .. ' has a damaged lease or attempt limit: the session is treated as gone')
     return redis.error_reply('DCGONE session is damaged')
   end
-  if base and redis.call('TYPE', base .. 'jobs')['ok'] ~= 'stream' then
-    damaged(base .. 'jobs is not a stream: the session is treated as gone')
-    return redis.error_reply('DCGONE session is damaged')
+  if base then
+    if redis.call('TYPE', base .. 'jobs')['ok'] ~= 'stream' then
+      damaged(base .. 'jobs is not a stream: the session is treated as gone')
+      return redis.error_reply('DCGONE session is damaged')
+    end
+    local upd = redis.call('TYPE', base .. 'upd')['ok']
+    if upd ~= 'stream' and upd ~= 'none' then
+      damaged(base .. 'upd is a ' .. upd .. ', not a stream: the session is treated as gone')
+      return redis.error_reply('DCGONE session is damaged')
+    end
   end
   return nil
 end

@@ -6,7 +6,7 @@
 --       6 key TTL ms.
 -- Returns the update's sequence number (1, 2, 3...). Error DCGONE when the session does not exist.
 local upd = ARGV[1] .. 'upd'
-local broken = session_error(KEYS[1])
+local broken = session_error(KEYS[1], ARGV[1])
 local len = not broken and redis.pcall('XLEN', upd)
 if not broken and type(len) ~= 'number' then
   damaged(upd .. ' cannot be read: the session is treated as gone')

@@ -4,7 +4,7 @@
 -- ARGV: 1 session key base, 2 after, 3 max, 4 byte budget.
 -- Returns a flat list of 4-tuples: seq, payload (nil when chunked), chunk count, length.
 -- Error DCGONE when the session does not exist.
-local broken = session_error(KEYS[1])
+local broken = session_error(KEYS[1], ARGV[1])
 if broken then
   return broken
 end

@@ -2,7 +2,7 @@
 -- KEYS[1] session meta.
 -- ARGV: 1 session key base, 2 problem (CBOR).
 -- Returns 1 when new, 0 when already known. Error DCGONE when the session does not exist.
-local broken = session_error(KEYS[1])
+local broken = session_error(KEYS[1], ARGV[1])
 if broken then
   return broken
 end

@@ -4,7 +4,7 @@
 -- ARGV: 1 session key base, 2 node status key prefix.
 -- Returns {queued, running, done, failed, {problem CBOR...}, {node status CBOR...}}.
 -- Error DCGONE when the session does not exist.
-local broken = session_error(KEYS[1])
+local broken = session_error(KEYS[1], ARGV[1])
 if broken then
   return broken
 end

@@ -7,7 +7,7 @@
 -- count, length, output or nil, history list}...}, or {0, last generated id of the results
 -- stream} when there is none.
 -- Error DCGONE when the session does not exist.
-local broken = session_error(KEYS[1])
+local broken = session_error(KEYS[1], ARGV[1])
 if broken then
   return broken
 end
