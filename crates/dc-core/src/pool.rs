@@ -3,7 +3,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::marker::PhantomData;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -501,8 +501,10 @@ struct Shared {
     /// Every update published, in order: replayed into a new session after a broker loss.
     /// Held across a publish so updates and recovery never interleave.
     updates: tokio::sync::Mutex<Vec<Bytes>>,
-    /// When the last result arrived (or the pool opened).
+    /// When the last result arrived or the last submission ended (or the pool opened).
     last_result: Mutex<tokio::time::Instant>,
+    /// Submissions in progress: their jobs are routed but may not be in the broker yet.
+    submitting: AtomicUsize,
     closed: AtomicBool,
 }
 
@@ -669,6 +671,7 @@ impl<W: Worker, C: Connector> Pool<W, C> {
             update_seq: AtomicU64::new(0),
             routes: Mutex::new(HashMap::new()),
             last_result: Mutex::new(tokio::time::Instant::now()),
+            submitting: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
         });
         let tasks = vec![
@@ -974,6 +977,18 @@ impl<W: Worker> Imap<W> {
         }
         let total = batch.len();
         self.remaining = total;
+        // While this runs, the lost-job check leaves the pool alone (these jobs are routed but
+        // not all in the broker yet); its quiet time counts from the end of the submission.
+        struct Submitting<'s>(&'s Shared);
+        impl Drop for Submitting<'_> {
+            fn drop(&mut self) {
+                *self.0.last_result.lock().unwrap_or_else(|p| p.into_inner()) =
+                    tokio::time::Instant::now();
+                self.0.submitting.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        self.shared.submitting.fetch_add(1, Ordering::AcqRel);
+        let _submitting = Submitting(&self.shared);
         while !batch.is_empty() {
             let rest = batch.split_off(batch.len().min(SUBMIT_BATCH));
             let session = self.shared.id();
@@ -1093,6 +1108,7 @@ async fn keep_alive(shared: Arc<Shared>) {
             .elapsed();
         if waiting > 0
             && quiet >= LOST_CHECK_AFTER
+            && shared.submitting.load(Ordering::Acquire) == 0
             && (stats.queued + stats.running < waiting
                 || (stats.queued > 0 && stats.running < stats.workers))
             && last_lost_check.is_none_or(|at| at.elapsed() >= LOST_CHECK_AFTER)
