@@ -158,9 +158,9 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
 
 /// A [`Broker`] on a Redis 7.0+ or Valkey server. Cheap to clone (clones share connections).
 ///
-/// Ordinary commands and scripts share one multiplexed connection (made by deadpool-redis and
-/// kept); each blocking read (`XREAD BLOCK`) and each chunk transfer takes a dedicated
-/// connection from a free-list, so neither ever stalls the shared one.
+/// Ordinary commands and scripts share one multiplexed connection (made with the configured
+/// connect timeout, then kept); each blocking read (`XREAD BLOCK`) and each chunk transfer
+/// takes a dedicated connection from a free-list, so neither ever stalls the shared one.
 #[derive(Clone)]
 pub struct RedisBroker {
     inner: Arc<Inner>,
