@@ -57,12 +57,25 @@ fn scan(pattern: &str) -> Vec<String> {
 }
 
 async fn open(broker: &RedisBroker, lease: Duration) -> SessionId {
+    open_with(broker, lease, 3).await
+}
+
+async fn open_with(broker: &RedisBroker, lease: Duration, attempts: u32) -> SessionId {
     broker
-        .try_open_session(&dc_core::testing::spec(lease, 3))
+        .try_open_session(&dc_core::testing::spec(lease, attempts))
         .await
         .expect("try_open_session")
         .expect("no other session is active")
         .id
+}
+
+/// Run `args` as one command on the server, behind the broker's back (planted damage).
+fn plant_on(conn: &mut redis::Connection, args: &[&str]) {
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    cmd.query::<redis::Value>(conn).expect("plant a value");
 }
 
 fn pattern(n: usize, seed: u8) -> Bytes {
@@ -279,12 +292,7 @@ async fn close_session_removes_every_key_of_the_session() {
 async fn garbage_in_redis_is_an_error_not_a_panic() {
     let (broker, prefix) = broker().await;
     // One attempt: a job whose payload cannot be read fails for good at once.
-    let s = broker
-        .try_open_session(&dc_core::testing::spec(Duration::from_secs(30), 1))
-        .await
-        .expect("try_open_session")
-        .expect("no other session is active")
-        .id;
+    let s = open_with(&broker, Duration::from_secs(30), 1).await;
     let base = format!("{prefix}:{{{}}}:", s.0);
     let mut conn = raw();
     let mut run = |cmd: &mut redis::Cmd| {
@@ -442,21 +450,10 @@ async fn garbage_in_redis_is_an_error_not_a_panic() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn planted_values_fail_their_job_or_are_repaired() {
     let (broker, prefix) = broker().await;
-    let s = broker
-        .try_open_session(&dc_core::testing::spec(Duration::from_secs(30), 1))
-        .await
-        .expect("try_open_session")
-        .expect("no other session is active")
-        .id;
+    let s = open_with(&broker, Duration::from_secs(30), 1).await;
     let base = format!("{prefix}:{{{}}}:", s.0);
     let mut conn = raw();
-    let mut plant = |args: &[&str]| {
-        let mut cmd = redis::cmd(args[0]);
-        for a in &args[1..] {
-            cmd.arg(*a);
-        }
-        cmd.query::<redis::Value>(&mut conn).expect("plant a value");
-    };
+    let mut plant = |args: &[&str]| plant_on(&mut conn, args);
     let (node, worker) = (NodeId("n".into()), WorkerId("n/0".into()));
     let submit = |id: u64, payload: Bytes| {
         broker.submit(
@@ -773,13 +770,7 @@ async fn lost_jobs_are_named_and_what_can_be_repaired_is() {
     let s = open(&broker, Duration::from_secs(30)).await;
     let base = format!("{prefix}:{{{}}}:", s.0);
     let mut conn = raw();
-    let mut plant = |args: &[&str]| {
-        let mut cmd = redis::cmd(args[0]);
-        for a in &args[1..] {
-            cmd.arg(*a);
-        }
-        cmd.query::<redis::Value>(&mut conn).expect("plant a value");
-    };
+    let mut plant = |args: &[&str]| plant_on(&mut conn, args);
     let jobs: Vec<NewJob> = (1..=5)
         .map(|i| NewJob {
             id: JobId(i),
