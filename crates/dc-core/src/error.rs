@@ -115,7 +115,9 @@ pub enum BrokerError {
     #[error("broker protocol: {0}")]
     Protocol(String),
     /// The URL names no backend compiled into this program.
-    #[error("unsupported broker URL {0:?}: use redis://host:port (a head node's server or your own Redis) or a local pool")]
+    #[error(
+        "unsupported broker URL {0:?}: use redis://host:port (a head node's server or your own Redis) or a local pool"
+    )]
     UnsupportedUrl(String),
 }
 
