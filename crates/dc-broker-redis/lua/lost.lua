@@ -4,7 +4,7 @@
 -- but whose notice is gone is announced again (the pool drops a second notice). A job with no
 -- sound record, or whose result travelled in a notice that is gone, is lost: its record is
 -- removed so that the pool can submit it again under the same id (a finished job counts as
--- lost only while no notice waits to be read).
+-- lost only while no notice waits to be read, and when the pool asks for it a second time).
 -- KEYS[1] session meta.
 -- ARGV: 1 session key base, then job ids.
 -- Returns the ids of the lost jobs. Error DCGONE when the session does not exist.
@@ -40,6 +40,10 @@ for i = 2, #ARGV do
     redis.call('XADD', base .. 'results', '*', 'j', jid)
   elseif (st == 'd' or st == 'f') and unread then
     -- Maybe in a notice not read yet: asked again later if it never comes.
+  elseif (st == 'd' or st == 'f') and redis.call('HGET', job, 'lost') ~= '1' then
+    -- Its notice may have been read a moment ago, the result still on its way to the pool's
+    -- caller: marked now, and lost only if the pool still asks for it next time.
+    redis.call('HSET', job, 'lost', '1')
   else
     redis.call('UNLINK', job, base .. 'in:' .. jid, base .. 'out:' .. jid, base .. 'hist:' .. jid)
     lost[#lost + 1] = jid
