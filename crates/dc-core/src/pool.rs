@@ -260,8 +260,8 @@ impl<W: Worker, C: Connector> PoolBuilder<W, C> {
     /// one already in the worker's channel); the depth adapts to the measured job and
     /// round-trip times, and jobs that take long compared with a round trip are taken one at a
     /// time. Nothing is held back from an idle worker: jobs held ahead go back to the queue as
-    /// soon as the running job outlives what they were taken for. Each job still has its own lease,
-    /// attempts and outcome, and `map` keeps its order. Turn it off to have every job
+    /// soon as the running job outlives what they were taken for. Each job still has its own
+    /// lease, attempts and outcome, and `map` keeps its order. Turn it off to have every job
     /// dispatched alone (each result is then reported the moment it is ready).
     pub fn auto_batching(mut self, on: bool) -> Self {
         self.auto_batching = on;
