@@ -652,11 +652,18 @@ const GIVE_BACK_FLOOR: Duration = Duration::from_millis(2);
 /// A slot's measured pace: how long its jobs run and how long a broker exchange takes
 /// (moving averages), which set how many jobs it takes ahead.
 ///
-/// The rule that keeps batching from holding work an idle worker could run: jobs are taken
-/// ahead only when they are short next to a round trip, and a slot whose running job outlives
-/// what its jobs ahead were taken for ([`Pace::give_back_after`]) hands them back to the queue
-/// at once, unstarted and uncharged, for any idle worker to take. Each job held ahead has its
-/// own lease, renewed by the heartbeat like the running one.
+/// The rules that keep batching from holding work an idle worker could run:
+/// - an idle slot takes one job, and runs it alone and timed before holding more (the pool's
+///   next jobs may be unlike those measured so far); so does the first job after any wait;
+/// - jobs are taken ahead only when they are short next to a round trip, and a slow job raises
+///   the estimate at once ([`Pace::note_job`]);
+/// - a slot whose running job outlives what its jobs ahead were taken for
+///   ([`Pace::give_back_after`]) hands them back to the queue at once, unstarted and
+///   uncharged, for any idle worker to take;
+/// - at most `PIPE_AHEAD` (one) job waits in the worker's channel, the only place a job cannot
+///   be handed back from.
+///
+/// Each job held ahead has its own lease, renewed by the heartbeat like the running one.
 #[derive(Debug, Default)]
 struct Pace {
     job_us: Option<f64>,
