@@ -1,4 +1,4 @@
-//! Quickstart: a hyper-parameter sweep on a local pool, the seed README's example in Rust.
+//! Quickstart: a hyper-parameter sweep on a local pool.
 //!
 //! What it shows:
 //! - a [`Worker`] whose `new` does the heavy preparation once per worker process: it generates

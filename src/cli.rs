@@ -788,7 +788,7 @@ fn run_devices(cmd: Devices) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// A second start in a state dir whose node runs: say so and exit peacefully (as the seed does).
+/// A second start in a state dir whose node runs: say so and exit peacefully.
 fn already_running(pid: &str, dir: &std::path::Path) -> ExitCode {
     println!(
         "a node is already running here (pid {pid}, state dir {}); nothing to do",

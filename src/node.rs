@@ -24,7 +24,7 @@ pub use dc_broker_redis::server::ServerError;
 #[non_exhaustive]
 pub enum NodeError {
     /// Another node already runs with this state directory (not an error for the CLI, which
-    /// exits peacefully, as the seed does).
+    /// exits peacefully).
     #[error("a node is already running here (pid {pid}, state dir {dir})")]
     AlreadyRunning {
         /// Its pid, if recorded.

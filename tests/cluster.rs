@@ -1,6 +1,6 @@
 //! Across machines on Redis, with real processes: a head node (its own password-protected
 //! redis-server on a free loopback port) and worker nodes started through the CLI, pools
-//! opened over the network. The seed's flow end to end, and its edges.
+//! opened over the network. The whole flow end to end, and its edges.
 //!
 //! Custom harness: this executable is also the node binary (role `cli`, via `main_with_args`)
 //! and the worker program (`__dc-worker`, via `serve_if_worker`).

@@ -170,7 +170,7 @@ async fn updates_arrive_in_order_before_later_jobs() -> TestResult {
     Ok(())
 }
 
-/// The seed's pattern: broadcast each result while the same stream runs. Every job sees an
+/// The classic pattern: broadcast each result while the same stream runs. Every job sees an
 /// in-order prefix of the updates, and later jobs see the updates sent before they started.
 async fn updates_reach_workers_between_jobs_of_one_stream() -> TestResult {
     let pool = local_pool("stream-updates", 2).await?;

@@ -1,7 +1,7 @@
 //! GPU discovery: NVML or fake devices, narrowed by `CUDA_VISIBLE_DEVICES` and `--gpus`.
 //!
 //! NVML numbers GPUs by PCI bus while CUDA defaults to fastest-first, so everything past discovery
-//! names a GPU by its full UUID (see `design/research/gpu.md` §1, §2, §6).
+//! names a GPU by its full UUID (`GPU-…` or `MIG-…`), which both agree on.
 
 use std::ffi::OsStr;
 use std::fmt;
@@ -856,7 +856,7 @@ mod tests {
                 .all(|g| g.bytes().all(|b| b.is_ascii_hexdigit()))
     }
 
-    // --- parse_visible_devices (gpu.md §5 item 1) ---
+    // --- parse_visible_devices ---
 
     #[test]
     fn unset_means_every_device() {
@@ -972,7 +972,7 @@ mod tests {
         assert_eq!(parsed.duplicate.as_deref(), Some("1"));
     }
 
-    // --- apply_visibility (gpu.md §5 item 2) ---
+    // --- apply_visibility ---
 
     #[test]
     fn unset_keeps_all_and_nothing_keeps_none() {
@@ -1116,7 +1116,7 @@ mod tests {
         assert!(warnings.is_empty(), "{warnings:?}");
     }
 
-    // --- fake devices and discovery (gpu.md §5 items 3-4) ---
+    // --- fake devices and discovery ---
 
     #[test]
     fn fake_gpus_three_gives_three_distinct_canonical_uuids() {
