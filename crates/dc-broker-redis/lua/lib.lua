@@ -60,11 +60,12 @@ end
 -- HINCRBY on a counter that may be damaged: a value that is not an integer is reset to 0 first
 -- (and logged), so the script goes on.
 local function bump(key, name, by)
-  local v = redis.call('HGET', key, name)
-  if v and not (#v <= 18 and string.match(v, '^-?%d+$')) then
-    damaged('counter ' .. name .. ' of ' .. key .. ' was not a number; reset to 0')
-    redis.call('HSET', key, name, 0)
+  local n = redis.pcall('HINCRBY', key, name, by)
+  if type(n) == 'number' then
+    return n
   end
+  damaged('counter ' .. name .. ' of ' .. key .. ' was not a number; reset to 0')
+  redis.call('HSET', key, name, 0)
   return redis.call('HINCRBY', key, name, by)
 end
 
@@ -74,15 +75,14 @@ end
 -- asks the same, so a pool and its nodes agree on a damaged session. A damaged one is reported as a session that is gone: the pool then opens a new
 -- session and submits again what it has not received. Returns the error reply, or nil.
 local function session_error(meta, base)
-  local t = redis.call('TYPE', meta)['ok']
-  if t == 'none' then
-    return redis.error_reply('DCGONE session is gone')
-  end
-  if t ~= 'hash' then
-    damaged(meta .. ' is a ' .. t .. ', not a hash: the session is treated as gone')
+  local m = redis.pcall('HMGET', meta, 'lease', 'max')
+  if m.err then
+    damaged(meta .. ' is not a hash: the session is treated as gone')
     return redis.error_reply('DCGONE session is damaged')
   end
-  local m = redis.call('HMGET', meta, 'lease', 'max')
+  if not m[1] and not m[2] and redis.call('EXISTS', meta) == 0 then
+    return redis.error_reply('DCGONE session is gone')
+  end
   if not (count(m[1]) and count(m[2])) then
     damaged(meta .. ' has a damaged lease or attempt limit: the session is treated as gone')
     return redis.error_reply('DCGONE session is damaged')

@@ -69,6 +69,17 @@ async fn open_with(broker: &RedisBroker, lease: Duration, attempts: u32) -> Sess
         .id
 }
 
+/// A node's status with no workers and no leases.
+fn status_of(node: &str) -> NodeStatus {
+    NodeStatus {
+        node: NodeId(node.into()),
+        host: "h".into(),
+        kinds: vec![],
+        workers: vec![],
+        leases: vec![],
+    }
+}
+
 /// Run `args` as one command on the server, behind the broker's back (planted damage).
 fn plant_on(conn: &mut redis::Connection, args: &[&str]) {
     let mut cmd = redis::cmd(args[0]);
@@ -301,26 +312,14 @@ async fn garbage_in_redis_is_an_error_not_a_panic() {
 
     // A node status that is not CBOR.
     broker
-        .heartbeat(&NodeStatus {
-            node: NodeId("good".into()),
-            host: "h".into(),
-            kinds: vec![],
-            workers: vec![],
-            leases: vec![],
-        })
+        .heartbeat(&status_of("good"))
         .await
         .expect("heartbeat");
     run(redis::cmd("SET")
         .arg(format!("{prefix}:node:good"))
         .arg(&b"\xff\x00garbage"[..]));
     broker
-        .heartbeat(&NodeStatus {
-            node: NodeId("other".into()),
-            host: "h".into(),
-            kinds: vec![],
-            workers: vec![],
-            leases: vec![],
-        })
+        .heartbeat(&status_of("other"))
         .await
         .expect("heartbeat");
     // Listing nodes skips it (and says so in the log); the others are still listed.
@@ -531,23 +530,7 @@ async fn planted_values_fail_their_job_or_are_repaired() {
         .complete(&four.lease, Ok(Bytes::from_static(b"4")))
         .await
         .expect("complete 4");
-    let all_results = |want: usize| {
-        let broker = &broker;
-        let s = &s;
-        async move {
-            let mut results = Vec::new();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while results.len() < want && Instant::now() < deadline {
-                results.extend(
-                    broker
-                        .take_results(s, 10, Duration::from_millis(200))
-                        .await
-                        .expect("take_results"),
-                );
-            }
-            results
-        }
-    };
+    let all_results = |want| dc_core::testing::all_results(&broker, &s, want);
     let mut results = all_results(4).await;
     // 5. The results stream replaced by a string (its notices are lost: a pool submits again
     //    what it never hears of): completing repairs it.

@@ -513,6 +513,13 @@ impl Shared {
         self.routes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The jobs still awaited, in id order.
+    fn awaited(&self) -> Vec<JobId> {
+        let mut ids: Vec<JobId> = self.routes().keys().copied().collect();
+        ids.sort_unstable();
+        ids
+    }
+
     fn id(&self) -> SessionId {
         self.session
             .lock()
@@ -555,23 +562,7 @@ impl Shared {
         for update in updates {
             self.broker.publish_update(&info.id, update.clone()).await?;
         }
-        let jobs: Vec<NewJob> = {
-            let routes = self.routes();
-            let mut jobs: Vec<NewJob> = routes
-                .iter()
-                .map(|(id, r)| NewJob {
-                    id: *id,
-                    payload: r.payload.clone(),
-                    update_seq: r.update_seq,
-                })
-                .collect();
-            jobs.sort_by_key(|j| j.id);
-            jobs
-        };
-        let resubmitted = jobs.len();
-        for batch in jobs.chunks(SUBMIT_BATCH) {
-            self.broker.submit(&info.id, batch.to_vec()).await?;
-        }
+        let resubmitted = self.submit_again(&info.id, &self.awaited()).await?;
         *self.session.lock().unwrap_or_else(|p| p.into_inner()) = info.id.clone();
         tracing::info!(session = %info.id, resubmitted, updates = updates.len(), "outstanding jobs resubmitted");
         Ok(info.id)
@@ -581,15 +572,16 @@ impl Shared {
     /// their payloads and update positions). Called after a long stretch without results, when
     /// the broker's counts cannot account for every job still awaited.
     async fn resubmit_lost(&self, session: &SessionId) -> Result<usize, BrokerError> {
-        let mut ids: Vec<JobId> = self.routes().keys().copied().collect();
-        ids.sort_unstable();
-        let lost = self.broker.lost_jobs(session, &ids).await?;
-        if lost.is_empty() {
-            return Ok(0);
-        }
+        let lost = self.broker.lost_jobs(session, &self.awaited()).await?;
+        self.submit_again(session, &lost).await
+    }
+
+    /// Submit the jobs `ids` (those still awaited) again to `session`, with the payloads and
+    /// update positions they were first submitted with; returns how many.
+    async fn submit_again(&self, session: &SessionId, ids: &[JobId]) -> Result<usize, BrokerError> {
         let jobs: Vec<NewJob> = {
             let routes = self.routes();
-            lost.iter()
+            ids.iter()
                 .filter_map(|id| {
                     routes.get(id).map(|r| NewJob {
                         id: *id,

@@ -121,7 +121,8 @@ async fn take(broker: &dyn Broker, s: &SessionId, n: &str) -> Option<crate::brok
         .expect("take_job")
 }
 
-async fn all_results(broker: &dyn Broker, s: &SessionId, want: usize) -> Vec<JobResult> {
+/// Results of session `s` until `want` have come (or 10 s have passed).
+pub async fn all_results(broker: &dyn Broker, s: &SessionId, want: usize) -> Vec<JobResult> {
     let mut got = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(10);
     while got.len() < want && Instant::now() < deadline {
