@@ -9,7 +9,11 @@ use std::process::{ExitCode, Stdio};
 use std::time::Duration;
 
 use common::{Probe, ProbeInit, ProbeJob, TestResult, distinct, eventually, process_is_gone};
-use distributed_computing::broker::AttemptEnd;
+use distributed_computing::broker::{
+    Abandoned, AttemptEnd, Completion, JobResult, Lease, LeasedJob, NewJob, NodeId, NodeProblem,
+    NodeSeen, NodeStatus, Outcome, SessionId, SessionInfo, SessionSpec, SessionState, SessionStats,
+    UpdateSeq, WorkerId,
+};
 use distributed_computing::{JobFailure, Pool, PoolError};
 use futures::StreamExt;
 
@@ -29,6 +33,7 @@ fn main() -> ExitCode {
         sigkill_of_pool_owner_leaves_no_worker_alive,
         pool_resubmits_what_a_broker_lost_and_delivers_each_result_once,
         tiny_jobs_with_poison_jobs_charge_only_the_poison,
+        jobs_taken_while_a_slow_report_runs_keep_their_leases,
     ];
     libtest_mimic::run(&args, tests).exit_code()
 }
@@ -322,7 +327,6 @@ fn tempdir(name: &str) -> Result<std::path::PathBuf, std::io::Error> {
 async fn pool_resubmits_what_a_broker_lost_and_delivers_each_result_once() -> TestResult {
     use distributed_computing::Broker;
     use distributed_computing::agent::{AgentConfig, SlotSpec, WorkerCommand, spawn_agent};
-    use distributed_computing::broker::{NodeId, SessionId};
     let broker = std::sync::Arc::new(distributed_computing::LocalBroker::new());
     let mut config = AgentConfig::new(
         NodeId("lossy-node".into()),
@@ -389,5 +393,152 @@ async fn tiny_jobs_with_poison_jobs_charge_only_the_poison() -> TestResult {
         .await?;
     common::only_poison_jobs_fail(&pool, 3000, &[1000, 1001, 2500]).await?;
     pool.close().await?;
+    Ok(())
+}
+
+type BrokerResult<T> = Result<T, distributed_computing::BrokerError>;
+
+/// A broker whose result reports each take `delay` (a big result on a busy machine); every
+/// other call goes straight to the local broker.
+#[derive(Debug)]
+struct SlowReports {
+    inner: std::sync::Arc<distributed_computing::LocalBroker>,
+    delay: Duration,
+}
+
+#[async_trait::async_trait]
+impl distributed_computing::Broker for SlowReports {
+    fn max_payload(&self) -> usize {
+        self.inner.max_payload()
+    }
+    async fn try_open_session(&self, spec: &SessionSpec) -> BrokerResult<Option<SessionInfo>> {
+        self.inner.try_open_session(spec).await
+    }
+    async fn keep_session_alive(&self, session: &SessionId) -> BrokerResult<SessionState> {
+        self.inner.keep_session_alive(session).await
+    }
+    async fn close_session(&self, session: &SessionId) -> BrokerResult<()> {
+        self.inner.close_session(session).await
+    }
+    async fn submit(&self, session: &SessionId, jobs: Vec<NewJob>) -> BrokerResult<()> {
+        self.inner.submit(session, jobs).await
+    }
+    async fn publish_update(
+        &self,
+        session: &SessionId,
+        payload: bytes::Bytes,
+    ) -> BrokerResult<UpdateSeq> {
+        self.inner.publish_update(session, payload).await
+    }
+    async fn take_results(
+        &self,
+        session: &SessionId,
+        max: usize,
+        wait: Duration,
+    ) -> BrokerResult<Vec<JobResult>> {
+        self.inner.take_results(session, max, wait).await
+    }
+    async fn session_stats(&self, session: &SessionId) -> BrokerResult<SessionStats> {
+        self.inner.session_stats(session).await
+    }
+    async fn reap_expired(&self) -> BrokerResult<usize> {
+        self.inner.reap_expired().await
+    }
+    async fn nodes(&self, within: Duration) -> BrokerResult<Vec<NodeSeen>> {
+        self.inner.nodes(within).await
+    }
+    async fn heartbeat(&self, status: &NodeStatus) -> BrokerResult<()> {
+        self.inner.heartbeat(status).await
+    }
+    async fn leave(&self, node: &NodeId) -> BrokerResult<()> {
+        self.inner.leave(node).await
+    }
+    async fn active_session(&self, wait: Duration) -> BrokerResult<Option<SessionInfo>> {
+        self.inner.active_session(wait).await
+    }
+    async fn report_problem(&self, session: &SessionId, problem: NodeProblem) -> BrokerResult<()> {
+        self.inner.report_problem(session, problem).await
+    }
+    async fn take_jobs(
+        &self,
+        session: &SessionId,
+        node: &NodeId,
+        worker: &WorkerId,
+        max: usize,
+        wait: Duration,
+    ) -> BrokerResult<Vec<LeasedJob>> {
+        self.inner.take_jobs(session, node, worker, max, wait).await
+    }
+    async fn complete(&self, lease: &Lease, outcome: Outcome) -> BrokerResult<Completion> {
+        tokio::time::sleep(self.delay).await;
+        self.inner.complete(lease, outcome).await
+    }
+    async fn complete_many(
+        &self,
+        outcomes: Vec<(Lease, Outcome)>,
+    ) -> BrokerResult<Vec<Completion>> {
+        tokio::time::sleep(self.delay).await;
+        self.inner.complete_many(outcomes).await
+    }
+    async fn abandon(&self, lease: &Lease, end: AttemptEnd) -> BrokerResult<Abandoned> {
+        self.inner.abandon(lease, end).await
+    }
+    async fn read_updates(
+        &self,
+        session: &SessionId,
+        after: UpdateSeq,
+        max: usize,
+    ) -> BrokerResult<Vec<(UpdateSeq, bytes::Bytes)>> {
+        self.inner.read_updates(session, after, max).await
+    }
+}
+
+/// Each result report takes three leases (as a big result does on a busy machine) while the
+/// slot takes its next job in the same exchange: that job's lease is renewed from the moment
+/// it is taken, so it never expires on the live node, and every job runs once.
+async fn jobs_taken_while_a_slow_report_runs_keep_their_leases() -> TestResult {
+    use distributed_computing::agent::{AgentConfig, SlotSpec, WorkerCommand, spawn_agent};
+    let lease = Duration::from_millis(800);
+    let dir = common::cluster::TempDir::new("slow-report")?;
+    let runs = dir.path().join("runs");
+    let broker = std::sync::Arc::new(SlowReports {
+        inner: std::sync::Arc::new(distributed_computing::LocalBroker::new()),
+        delay: lease * 3,
+    });
+    let mut config = AgentConfig::new(
+        NodeId("slow-report-node".into()),
+        WorkerCommand::current_exe()?,
+        vec!["probe".into()],
+        vec![SlotSpec::for_device(None); 2],
+    );
+    config.heartbeat = Duration::from_millis(100);
+    config.poll = Duration::from_millis(100);
+    let agent = spawn_agent(broker.clone(), config);
+    let pool = Pool::<Probe>::builder(ProbeInit::tagged("slow-report"))
+        .broker_instance(broker.clone())
+        .lease(lease)
+        .connect()
+        .await?;
+    let jobs: Vec<ProbeJob> = (0..6)
+        .map(|i| ProbeJob::CountRuns(runs.clone(), 100, i))
+        .collect();
+    let outs = pool.map(jobs).await?;
+    check!(
+        outs.iter().enumerate().all(|(i, o)| o.value == i as i64),
+        "results out of order or wrong: {:?}",
+        outs.iter().map(|o| o.value).collect::<Vec<_>>()
+    );
+    let recorded = std::fs::read_to_string(&runs)?;
+    let mut counts = std::collections::BTreeMap::new();
+    for line in recorded.lines() {
+        let value: i64 = line.split_whitespace().next().unwrap_or("").parse()?;
+        *counts.entry(value).or_insert(0usize) += 1;
+    }
+    check!(
+        counts.len() == 6 && counts.values().all(|n| *n == 1),
+        "runs per job on a live node (each once expected): {counts:?}"
+    );
+    pool.close().await?;
+    agent.shutdown().await;
     Ok(())
 }

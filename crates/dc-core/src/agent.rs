@@ -740,9 +740,15 @@ struct Exchange {
 }
 
 /// Report finished outcomes and take up to `want` more jobs (without waiting), concurrently.
+///
+/// The jobs taken are leased from the moment the broker answers, while the report may go on
+/// for long (a big result on a busy machine): their leases join `shared.leases` (renewed by the
+/// heartbeat) right then, not when the whole exchange is done, or a report slower than the
+/// lease would let them expire and run a second time elsewhere.
 async fn exchange(
     shared: &NodeShared,
     info: &SessionInfo,
+    slot: usize,
     worker: &WorkerId,
     outcomes: Vec<(Lease, Outcome)>,
     want: usize,
@@ -759,7 +765,7 @@ async fn exchange(
         if want == 0 {
             return Ok(Vec::new());
         }
-        broker
+        let taken = broker
             .take_jobs(
                 &info.id,
                 &shared.config.node_id,
@@ -767,7 +773,14 @@ async fn exchange(
                 want,
                 Duration::ZERO,
             )
-            .await
+            .await;
+        if let Ok(jobs) = &taken {
+            let mut leases = lock(&shared.leases);
+            for job in jobs {
+                leases.insert((slot, job.lease.job), job.lease.clone());
+            }
+        }
+        taken
     };
     let ((), taken) = tokio::join!(report, take);
     Exchange {
@@ -824,8 +837,10 @@ impl<'a> Flow<'a> {
             return None;
         }
         let outcomes = std::mem::take(&mut self.done);
-        let (shared, info, worker) = (self.shared, self.info, self.worker_id);
-        Some(Box::pin(exchange(shared, info, worker, outcomes, want)))
+        let (shared, info, slot, worker) = (self.shared, self.info, self.slot, self.worker_id);
+        Some(Box::pin(exchange(
+            shared, info, slot, worker, outcomes, want,
+        )))
     }
 
     /// Take in an exchange's answer.
@@ -863,7 +878,7 @@ impl<'a> Flow<'a> {
         })
     }
 
-    /// Hold newly leased jobs (their leases renewed from now on).
+    /// Hold newly leased jobs (their leases renewed from now on, if they were not already).
     fn hold(&mut self, jobs: Vec<LeasedJob>) {
         let mut leases = lock(&self.shared.leases);
         for job in jobs {
