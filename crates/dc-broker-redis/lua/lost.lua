@@ -3,8 +3,10 @@
 -- again (a lease without its entry would never end), and a finished job whose result is kept
 -- but whose notice is gone is announced again (the pool drops a second notice). A job with no
 -- sound record, or whose result travelled in a notice that is gone, is lost: its record is
--- removed so that the pool can submit it again under the same id (a finished job counts as
--- lost only while no notice waits to be read, and when the pool asks for it a second time).
+-- removed so that the pool can submit it again under the same id. A finished job is repaired
+-- or counted lost only while no notice waits to be read, and when the pool asks for it a
+-- second time (its notice may have been read a moment before, its result still on its way);
+-- the client leaves out the jobs whose results it is reading now.
 -- KEYS[1] session meta.
 -- ARGV: 1 session key base, then job ids.
 -- Returns the ids of the lost jobs. Error DCGONE when the session does not exist.
@@ -21,6 +23,7 @@ local unread = type(notices) == 'number' and notices > 0
 for i = 2, #ARGV do
   local jid = ARGV[i]
   local job = base .. 'job:' .. jid
+  local out = base .. 'out:' .. jid
   local s = fields_of(job, 'st', 'e')
   local st = s and s[1]
   if st == 'q' or st == 'l' then
@@ -34,18 +37,18 @@ for i = 2, #ARGV do
         bump(KEYS[1], 'q', 1)
       end
     end
-  elseif (st == 'd' or st == 'f') and redis.call('EXISTS', base .. 'out:' .. jid) == 1 then
-    damaged('the result notice of ' .. job .. ' was lost; announced again')
-    repair(base .. 'results', 'stream')
-    redis.call('XADD', base .. 'results', '*', 'j', jid)
   elseif (st == 'd' or st == 'f') and unread then
     -- Maybe in a notice not read yet: asked again later if it never comes.
   elseif (st == 'd' or st == 'f') and redis.call('HGET', job, 'lost') ~= '1' then
     -- Its notice may have been read a moment ago, the result still on its way to the pool's
-    -- caller: marked now, and lost only if the pool still asks for it next time.
+    -- caller: marked now, and repaired only if the pool still asks for it next time.
     redis.call('HSET', job, 'lost', '1')
+  elseif (st == 'd' or st == 'f') and redis.call('EXISTS', out) == 1 then
+    damaged('the result notice of ' .. job .. ' was lost; announced again')
+    repair(base .. 'results', 'stream')
+    redis.call('XADD', base .. 'results', '*', 'j', jid)
   else
-    redis.call('UNLINK', job, base .. 'in:' .. jid, base .. 'out:' .. jid, base .. 'hist:' .. jid)
+    redis.call('UNLINK', job, base .. 'in:' .. jid, out, base .. 'hist:' .. jid)
     lost[#lost + 1] = jid
   end
 end

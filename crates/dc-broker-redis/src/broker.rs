@@ -184,6 +184,25 @@ struct Inner {
     /// The same for the pool's reads of its session's results stream: the session and the
     /// last notice id seen.
     result_cursor: std::sync::Mutex<Option<(SessionId, String)>>,
+    /// Jobs whose result notices `take_results` has read and whose results it is still
+    /// reading (a big output by chunks), by session: `lost_jobs` leaves them out, since their
+    /// notices are gone and their outputs may be too, yet nothing is lost.
+    reading: std::sync::Mutex<HashSet<(SessionId, u64)>>,
+}
+
+/// Jobs in `Inner::reading` while their results are read; out of it when dropped.
+struct Reading<'a> {
+    set: &'a std::sync::Mutex<HashSet<(SessionId, u64)>>,
+    jobs: Vec<(SessionId, u64)>,
+}
+
+impl Drop for Reading<'_> {
+    fn drop(&mut self) {
+        let mut set = lock(self.set);
+        for job in &self.jobs {
+            set.remove(job);
+        }
+    }
 }
 
 /// A stream position seen in a session: entries after `last` are new; `log_len` updates had
@@ -319,6 +338,7 @@ impl RedisBroker {
                 absent: std::sync::Mutex::new(HashMap::new()),
                 job_cursors: std::sync::Mutex::new(HashMap::new()),
                 result_cursor: std::sync::Mutex::new(None),
+                reading: std::sync::Mutex::new(HashSet::new()),
             }),
         })
     }
@@ -1159,6 +1179,14 @@ impl Broker for RedisBroker {
         jobs: &[JobId],
     ) -> Result<Vec<JobId>, BrokerError> {
         let mut lost = Vec::new();
+        // Jobs whose results are being read now are not lost.
+        let jobs: Vec<JobId> = {
+            let reading = lock(&self.inner.reading);
+            jobs.iter()
+                .filter(|j| !reading.contains(&(session.clone(), j.0)))
+                .copied()
+                .collect()
+        };
         for batch in jobs.chunks(LOST_BATCH) {
             let mut inv = SCRIPTS.lost.prepare_invoke();
             inv.key(self.keys().meta(session))
@@ -1274,6 +1302,21 @@ impl Broker for RedisBroker {
             let last = string(items.next().ok_or_else(|| bad("no stream id"))?)?;
             *lock(&self.inner.result_cursor) = Some((session.clone(), last.clone()));
             if flag == 1 {
+                let items: Vec<Value> = items.collect();
+                let jobs: Vec<(SessionId, u64)> = items
+                    .iter()
+                    .filter_map(|item| match item {
+                        Value::Array(fields) => fields.first().cloned(),
+                        _ => None,
+                    })
+                    .filter_map(|id| parse_job_id(id).ok())
+                    .map(|id| (session.clone(), id))
+                    .collect();
+                lock(&self.inner.reading).extend(jobs.iter().cloned());
+                let _reading = Reading {
+                    set: &self.inner.reading,
+                    jobs,
+                };
                 let mut got = Vec::new();
                 let mut first_error = None;
                 for item in items {

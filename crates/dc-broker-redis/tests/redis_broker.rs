@@ -746,7 +746,7 @@ async fn open_dyn(broker: &dyn Broker) -> SessionId {
 
 /// `lost_jobs` names the jobs the broker no longer holds (their records removed, so that they
 /// can be submitted again), queues again a job whose stream entry is gone, and announces again
-/// a kept result whose notice is gone.
+/// a kept result whose notice is gone (a finished job only when asked for a second time).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_jobs_are_named_and_what_can_be_repaired_is() {
     let (broker, prefix) = broker().await;
@@ -803,9 +803,21 @@ async fn lost_jobs_are_named_and_what_can_be_repaired_is() {
     plant(&["XDEL", &format!("{base}jobs"), &entry]);
     let ask = [JobId(1), JobId(2), JobId(3), JobId(4), JobId(5)];
     let lost = broker.lost_jobs(&s, &ask).await.expect("lost_jobs");
-    // Job 1 finished, and its result may still be on its way: lost only when asked again.
+    // Jobs 1 and 2 finished, and their results may still be on their way to the pool: nothing
+    // is done about them until they are asked for again.
     assert_eq!(lost, vec![JobId(3)]);
-    // Job 2's result is announced again.
+    let none = broker
+        .take_results(&s, 10, Duration::from_millis(300))
+        .await
+        .expect("take_results");
+    assert!(none.is_empty(), "announced at the first ask: {none:?}");
+    // Asked again: job 2's kept result is announced again; job 1's result travelled in its
+    // lost notice, so job 1 is lost (3 still is: it was not submitted again yet).
+    let lost = broker
+        .lost_jobs(&s, &ask[..4])
+        .await
+        .expect("lost_jobs again");
+    assert_eq!(lost, vec![JobId(1), JobId(3)]);
     let results = broker
         .take_results(&s, 10, Duration::from_secs(2))
         .await
@@ -815,13 +827,6 @@ async fn lost_jobs_are_named_and_what_can_be_repaired_is() {
         vec![JobId(2)]
     );
     assert_eq!(results[0].outcome, JobOutcome::Done(pattern(300 << 10, 2)));
-    // Asked again, with no notice left to read: job 1 is lost too (3 still is: it was not
-    // submitted again yet).
-    let lost = broker
-        .lost_jobs(&s, &ask[..4])
-        .await
-        .expect("lost_jobs again");
-    assert_eq!(lost, vec![JobId(1), JobId(3)]);
     // Jobs 4 and 5 can be taken; 1 and 3 submitted again run once more.
     let again: Vec<NewJob> = [1u64, 3]
         .iter()
@@ -854,6 +859,84 @@ async fn lost_jobs_are_named_and_what_can_be_repaired_is() {
             .is_empty(),
         "leased jobs are not lost"
     );
+}
+
+/// A finished job whose notice waits unread, or whose big output is being read, is not lost:
+/// `lost_jobs` names nothing and announces nothing again, so every result is read once and no
+/// notice is left over that names a result already handed out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_waiting_or_being_read_are_never_announced_twice() {
+    let (broker, prefix) = broker().await;
+    let s = open(&broker, Duration::from_secs(30)).await;
+    let results_key = format!("{prefix}:{{{}}}:results", s.0);
+    let notices = || -> usize {
+        redis::cmd("XLEN")
+            .arg(&results_key)
+            .query(&mut raw())
+            .expect("XLEN")
+    };
+    let jobs: Vec<NewJob> = (1..=2)
+        .map(|i| NewJob {
+            id: JobId(i),
+            payload: Bytes::from(vec![i as u8; 8]),
+            update_seq: 0,
+        })
+        .collect();
+    broker.submit(&s, jobs).await.expect("submit");
+    let (node, worker) = (NodeId("n".into()), WorkerId("n/0".into()));
+    let mut leased = Vec::new();
+    while leased.len() < 2 {
+        leased.extend(
+            broker
+                .take_jobs(&s, &node, &worker, 2, Duration::from_millis(200))
+                .await
+                .expect("take"),
+        );
+    }
+    leased.sort_by_key(|j| j.lease.job);
+    let big = pattern(96 << 20, 7);
+    broker
+        .complete(&leased[0].lease, Ok(pattern(300 << 10, 1)))
+        .await
+        .expect("complete 1");
+    // Unread: asked twice, job 1 is neither lost nor announced again.
+    for _ in 0..2 {
+        let lost = broker.lost_jobs(&s, &[JobId(1)]).await.expect("lost_jobs");
+        assert!(lost.is_empty(), "an unread result counted lost: {lost:?}");
+        assert_eq!(notices(), 1, "an unread result was announced again");
+    }
+    let first = broker
+        .take_results(&s, 10, Duration::from_secs(2))
+        .await
+        .expect("take_results");
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].outcome, JobOutcome::Done(pattern(300 << 10, 1)));
+    // Job 2's big output is read by chunks while the pool asks about it, again and again.
+    broker
+        .complete(&leased[1].lease, Ok(big.clone()))
+        .await
+        .expect("complete 2");
+    let reading = broker.take_results(&s, 10, Duration::from_secs(2));
+    let asking = async {
+        loop {
+            let lost = broker.lost_jobs(&s, &[JobId(2)]).await.expect("lost_jobs");
+            assert!(lost.is_empty(), "a result being read counted lost");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    // Asked until the result is read (the pool stops asking for a job once it has it).
+    let second = tokio::select! {
+        second = reading => second.expect("take_results"),
+        () = asking => unreachable!("asking never ends"),
+    };
+    assert_eq!(second.len(), 1);
+    assert_eq!(second[0].outcome, JobOutcome::Done(big));
+    assert_eq!(notices(), 0, "a notice was added for a result being read");
+    let after = broker
+        .take_results(&s, 10, Duration::from_millis(300))
+        .await
+        .expect("take_results");
+    assert!(after.is_empty(), "results handed out again: {after:?}");
 }
 
 struct Doubler;
