@@ -468,6 +468,27 @@ fn to_payload<T: Serialize>(value: &T, limit: usize, what: &str) -> Result<Bytes
     }
 }
 
+/// Outputs at least this big are decoded on a blocking thread (see [`off_runtime`]).
+const DECODE_OFF_RUNTIME: usize = 1 << 20;
+
+/// Run CPU work that may take seconds (the CBOR of a big job, update or output) on a blocking
+/// thread, so it never holds up the pool's keep-alive and result reader, nor the caller's
+/// other tasks, on a small runtime. A panic in it (a user's `Serialize` impl) is resumed here.
+///
+/// # Errors
+/// [`PoolError::Closed`] when the runtime is shutting down.
+async fn off_runtime<R: Send + 'static>(
+    work: impl FnOnce() -> R + Send + 'static,
+) -> Result<R, PoolError> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(r) => Ok(r),
+        Err(e) => match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(_) => Err(PoolError::Closed),
+        },
+    }
+}
+
 /// What the dispatcher hands to a waiting call.
 #[derive(Debug)]
 enum Delivery {
@@ -725,7 +746,9 @@ impl<W: Worker, C: Connector> Pool<W, C> {
     /// Run every job; yields `(index, output)` as results arrive, and a failed job as an
     /// `Err` item without stopping the rest.
     ///
-    /// Jobs are encoded now and submitted when the stream is first polled. The stream is
+    /// The jobs are taken from `jobs` now; when the stream is first polled they are encoded (on
+    /// a blocking thread, as are big outputs decoded: a big payload's CPU time never holds up
+    /// the runtime) and submitted. The stream is
     /// `Send + Unpin + 'static`: poll it with `next()` directly, store it, or move it into a
     /// spawned task. Dropping it stops listening; jobs already queued still run.
     pub fn imap_unordered<I>(
@@ -736,16 +759,11 @@ impl<W: Worker, C: Connector> Pool<W, C> {
         I: IntoIterator<Item = W::Job>,
         W::Output: Send,
     {
-        let limit = self.shared.broker.max_payload();
-        let prepared: Vec<Result<Bytes, PoolError>> = jobs
-            .into_iter()
-            .enumerate()
-            .map(|(i, job)| to_payload(&job, limit, &format!("job {i}")))
-            .collect();
+        let jobs: Vec<W::Job> = jobs.into_iter().collect();
         let (tx, rx) = mpsc::unbounded_channel();
         let state = Imap::<W> {
             shared: self.shared.clone(),
-            prepared: Some(prepared),
+            jobs: Some(jobs),
             tx: Some(tx),
             rx,
             ready: VecDeque::new(),
@@ -754,8 +772,18 @@ impl<W: Worker, C: Connector> Pool<W, C> {
             _worker: PhantomData,
         };
         futures::stream::unfold(state, |mut st| async move {
-            if let Some(prepared) = st.prepared.take() {
-                st.submit(prepared).await;
+            if let Some(jobs) = st.jobs.take() {
+                let limit = st.shared.broker.max_payload();
+                let encode = move || -> Vec<Result<Bytes, PoolError>> {
+                    jobs.iter()
+                        .enumerate()
+                        .map(|(i, job)| to_payload(job, limit, &format!("job {i}")))
+                        .collect()
+                };
+                match off_runtime(encode).await {
+                    Ok(prepared) => st.submit(prepared).await,
+                    Err(e) => st.ready.push_back(Err(e)),
+                }
             }
             if let Some(item) = st.ready.pop_front() {
                 return Some((item, st));
@@ -766,6 +794,13 @@ impl<W: Worker, C: Connector> Pool<W, C> {
             let delivery = st.rx.recv().await?;
             st.remaining -= 1;
             let item = match delivery {
+                Delivery::Result { index, result }
+                    if matches!(&result.outcome, JobOutcome::Done(b) if b.len() >= DECODE_OFF_RUNTIME) =>
+                {
+                    off_runtime(move || decode_result::<W>(index, result))
+                        .await
+                        .unwrap_or_else(Err)
+                }
                 Delivery::Result { index, result } => decode_result::<W>(index, result),
                 Delivery::Abort(err) => {
                     st.remaining = 0;
@@ -785,7 +820,8 @@ impl<W: Worker, C: Connector> Pool<W, C> {
     /// [`PoolError::Closed`], [`PoolError::PayloadTooLarge`], or a broker error.
     pub async fn update_workers(&self, update: W::Update) -> Result<(), PoolError> {
         self.check_open()?;
-        let payload = to_payload(&update, self.shared.broker.max_payload(), "update")?;
+        let limit = self.shared.broker.max_payload();
+        let payload = off_runtime(move || to_payload(&update, limit, "update")).await??;
         let mut log = self.shared.updates.lock().await;
         let seq = loop {
             let session = self.shared.id();
@@ -915,7 +951,8 @@ fn decode_result<W: Worker>(
 /// The state of one `imap_unordered` stream.
 struct Imap<W: Worker> {
     shared: Arc<Shared>,
-    prepared: Option<Vec<Result<Bytes, PoolError>>>,
+    /// The jobs, until the stream's first poll encodes and submits them.
+    jobs: Option<Vec<W::Job>>,
     tx: Option<mpsc::UnboundedSender<Delivery>>,
     rx: mpsc::UnboundedReceiver<Delivery>,
     ready: VecDeque<Result<(usize, W::Output), PoolError>>,
