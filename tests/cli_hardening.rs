@@ -653,6 +653,26 @@ async fn status_escapes_names_read_from_the_broker() -> TestResult {
             leases: vec![],
         })
         .await?;
+    // A second node whose status entry is not CBOR at all: skipped, and counted.
+    let garbled = NodeId("n-garbled".into());
+    broker
+        .heartbeat(&NodeStatus {
+            node: garbled.clone(),
+            host: "h-garbled".into(),
+            kinds: vec![],
+            workers: vec![],
+            leases: vec![],
+        })
+        .await?;
+    common::cluster::redis_cli(
+        port,
+        &[
+            "SET",
+            &format!("dc:node:{}", garbled.0),
+            "\u{ff} not a status",
+        ],
+    )
+    .await?;
     let p = port.to_string();
     let (status, out, err) = run_cli(
         &["status", "-a", "127.0.0.1", "-p", &p, "-r", PASSWORD],
@@ -679,6 +699,12 @@ async fn status_escapes_names_read_from_the_broker() -> TestResult {
     check!(
         !out.lines().any(|l| l.starts_with("node: fake")),
         "a name forged a line: {out}"
+    );
+    check!(
+        !out.contains("h-garbled")
+            && err.contains("skipped node entries in the broker that cannot be read")
+            && err.contains("unreadable=1"),
+        "the unreadable entry is not skipped and counted:\n{out}\n{err}"
     );
     Ok(())
 }
