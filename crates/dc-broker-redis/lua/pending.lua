@@ -36,9 +36,17 @@ for _, p in ipairs(pending) do
   local id = p[1]
   local r = redis.call('XRANGE', jobs, id, id)
   local jid = r[1] and field(r[1][2], 'j')
-  local s = count(jid) and fields_of(base .. 'job:' .. jid, 'st', 'att', 'e', 'node', 'worker')
+  local job = count(jid) and base .. 'job:' .. jid
+  local s = job and fields_of(job, 'st', 'att', 'e', 'node', 'worker')
   if s and s[1] == 'l' and s[3] == id then
-    for _, v in ipairs({ jid, s[2], id, s[4], s[5] }) do
+    local att = count(s[2])
+    if not att or att >= 4294967295 then
+      -- Damaged: no client can name this attempt. Set to 0, its lease can still end.
+      damaged(job .. ' had a damaged attempt number; set to 0')
+      redis.call('HSET', job, 'att', 0)
+      s[2] = '0'
+    end
+    for _, v in ipairs({ jid, s[2], id, s[4] or '', s[5] or '' }) do
       table.insert(out, v)
     end
   else

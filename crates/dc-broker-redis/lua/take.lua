@@ -46,7 +46,7 @@ while taken < want and drops < 100 do
       -- A damaged attempt number is repaired (the lease fences by entry id too); damaged
       -- lengths are handed out as they are, and the node fails that job with their record.
       local att = count(s[6])
-      if not att then
+      if not att or att >= 4294967295 then
         damaged('job ' .. job .. ' had a damaged attempt number; counted from 0')
         att = 0
       end

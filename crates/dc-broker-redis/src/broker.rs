@@ -188,6 +188,10 @@ struct Inner {
     /// reading (a big output by chunks), by session: `lost_jobs` leaves them out, since their
     /// notices are gone and their outputs may be too, yet nothing is lost.
     reading: std::sync::Mutex<HashSet<(SessionId, u64)>>,
+    /// What the session this client opened last holds in its meta, as its pool set it: lease
+    /// (ms), attempt limit, spec chunk count and spec length. A keep-alive finds a session
+    /// whose stored values differ damaged.
+    opened: std::sync::Mutex<Option<(SessionId, [u64; 4])>>,
 }
 
 /// Jobs in `Inner::reading` while their results are read; out of it when dropped.
@@ -339,6 +343,7 @@ impl RedisBroker {
                 job_cursors: std::sync::Mutex::new(HashMap::new()),
                 result_cursor: std::sync::Mutex::new(None),
                 reading: std::sync::Mutex::new(HashSet::new()),
+                opened: std::sync::Mutex::new(None),
             }),
         })
     }
@@ -714,13 +719,22 @@ impl RedisBroker {
         while let (Some(job), Some(attempt), Some(entry), Some(node), Some(worker)) =
             (it.next(), it.next(), it.next(), it.next(), it.next())
         {
-            held.push(Held {
-                job: parse_job_id(job)?,
-                attempt: uint(&attempt)?,
-                entry: string(entry)?,
-                node: NodeId(string(node)?),
-                worker: WorkerId(string(worker)?),
-            });
+            // One unreadable entry must not keep the others from being reaped.
+            let one = (|| {
+                Ok::<_, BrokerError>(Held {
+                    job: parse_job_id(job)?,
+                    attempt: uint(&attempt)?,
+                    entry: string(entry)?,
+                    node: NodeId(string(node)?),
+                    worker: WorkerId(string(worker)?),
+                })
+            })();
+            match one {
+                Ok(h) => held.push(h),
+                Err(e) => {
+                    tracing::warn!(session = %session, error = %e, "skipping a lease record that cannot be read")
+                }
+            }
         }
         Ok(held)
     }
@@ -1158,6 +1172,13 @@ impl Broker for RedisBroker {
             .arg(chunk_count(encoded.len(), self.chunk()))
             .arg(encoded.len());
         if int(&self.run(&inv).await?)? == 1 {
+            let set = [
+                lease_ms,
+                u64::from(spec.max_attempts),
+                chunk_count(encoded.len(), self.chunk()) as u64,
+                encoded.len() as u64,
+            ];
+            *lock(&self.inner.opened) = Some((id.clone(), set));
             return Ok(Some(SessionInfo {
                 id,
                 spec: spec.clone(),
@@ -1208,6 +1229,14 @@ impl Broker for RedisBroker {
             .arg(&session.0)
             .arg(self.keys().base(session))
             .arg(KEY_TTL.as_millis() as u64);
+        if let Some((_, set)) = lock(&self.inner.opened)
+            .as_ref()
+            .filter(|(id, _)| id == session)
+        {
+            for value in set {
+                inv.arg(*value);
+            }
+        }
         Ok(if int(&self.run(&inv).await?)? == 1 {
             SessionState::Active
         } else {

@@ -275,7 +275,12 @@ async fn run_agent(shared: Arc<NodeShared>, mut stop: watch::Receiver<bool>) {
     let node = shared.config.node_id.clone();
     tracing::info!(%node, slots = shared.config.slots.len(), kinds = ?shared.config.known_kinds(), "node agent started");
     let beat = tokio::spawn(heartbeat_loop(shared.clone(), stop.clone()));
-    let mut finished: Option<SessionId> = None;
+    // The last session this node refused (a kind it does not have): not again.
+    let mut refused: Option<SessionId> = None;
+    // The last session it served, and when that ended: served again if it is still active a
+    // while later (the node may have left it on a glitch: damaged broker state, an answer it
+    // could not read), never in a tight loop.
+    let mut served: Option<(SessionId, tokio::time::Instant)> = None;
     let mut failures = 0u32;
     while !*stop.borrow() {
         let active = tokio::select! {
@@ -283,12 +288,17 @@ async fn run_agent(shared: Arc<NodeShared>, mut stop: watch::Receiver<bool>) {
             r = shared.broker.active_session(shared.config.poll) => r,
         };
         let info = match active {
-            Ok(Some(info)) if finished.as_ref() != Some(&info.id) => info,
-            Ok(Some(_)) => {
-                // Already served (or refused) this one: wait for the next.
+            Ok(Some(info))
+                if refused.as_ref() == Some(&info.id)
+                    || served.as_ref().is_some_and(|(id, at)| {
+                        *id == info.id && at.elapsed() < SERVE_AGAIN_AFTER
+                    }) =>
+            {
+                // Refused, or just served: wait.
                 sleep_or_stop(&mut stop, shared.config.poll).await;
                 continue;
             }
+            Ok(Some(info)) => info,
             Ok(None) => continue,
             Err(e) => {
                 failures += 1;
@@ -308,12 +318,13 @@ async fn run_agent(shared: Arc<NodeShared>, mut stop: watch::Receiver<bool>) {
             if let Err(e) = shared.broker.report_problem(&info.id, problem).await {
                 tracing::warn!(%node, error = %e, "cannot report the unknown worker kind");
             }
+            refused = Some(info.id);
         } else {
             tracing::info!(%node, session = %info.id, kind = %info.spec.kind, "serving pool session");
             run_session(&shared, &info, &mut stop).await;
             tracing::info!(%node, session = %info.id, "pool session over");
+            served = Some((info.id, tokio::time::Instant::now()));
         }
-        finished = Some(info.id);
     }
     let _ = beat.await;
     if let Err(e) = shared.broker.leave(&node).await {
@@ -321,6 +332,9 @@ async fn run_agent(shared: Arc<NodeShared>, mut stop: watch::Receiver<bool>) {
     }
     tracing::info!(%node, "node agent stopped");
 }
+
+/// How long after leaving a session a node serves it again if it is still the active one.
+const SERVE_AGAIN_AFTER: Duration = Duration::from_secs(2);
 
 async fn sleep_or_stop(stop: &mut watch::Receiver<bool>, d: Duration) {
     tokio::select! {

@@ -559,6 +559,11 @@ impl Shared {
             return; // Another task recovered already, or the pool closed.
         }
         tracing::warn!(session = %lost, "pool session lost by the broker; reopening it and resubmitting outstanding jobs");
+        // What is left of it (a damaged session is not always deleted) is closed, so that nodes
+        // still serving it leave it for the new one; every job it held is submitted again.
+        if let Err(e) = self.broker.close_session(lost).await {
+            tracing::debug!(session = %lost, error = %e, "closing the lost session failed");
+        }
         let mut failures = 0u32;
         loop {
             if self.closed.load(Ordering::Acquire) {
@@ -1059,6 +1064,9 @@ async fn retry_pause(failures: u32) {
 /// How long a pool goes without any result before it asks the broker which of its jobs were
 /// lost (and at most how often it asks).
 const LOST_CHECK_AFTER: Duration = Duration::from_secs(10);
+/// After this long without any result the pool asks even when the broker's counts account for
+/// every job (a damaged job record can leave them looking right), and again as often.
+const LOST_CHECK_ANYWAY_AFTER: Duration = Duration::from_secs(30);
 /// How long jobs wait with no worker for their kind before the pool says so…
 const UNSERVED_WARN_AFTER: Duration = Duration::from_secs(10);
 /// …and how often it says it again while that lasts.
@@ -1128,8 +1136,9 @@ async fn keep_alive(shared: Arc<Shared>) {
         problems_seen = stats.problems.len();
         let waiting = shared.routes().len();
         // No result for a long while, and either the broker's counts do not cover every job
-        // still awaited, or jobs are counted queued while workers sit idle: ask which jobs it
-        // lost (a damaged or restarted server), and submit those again.
+        // still awaited, or jobs are counted queued while workers sit idle, or it has lasted
+        // long enough to ask anyway: ask which jobs it lost (a damaged or restarted server),
+        // and submit those again.
         let quiet = shared
             .last_result
             .lock()
@@ -1138,9 +1147,11 @@ async fn keep_alive(shared: Arc<Shared>) {
         if waiting > 0
             && quiet >= LOST_CHECK_AFTER
             && shared.submitting.load(Ordering::Acquire) == 0
-            && (stats.queued + stats.running < waiting
+            && ((stats.queued + stats.running < waiting
                 || (stats.queued > 0 && stats.running < stats.workers))
-            && last_lost_check.is_none_or(|at| at.elapsed() >= LOST_CHECK_AFTER)
+                && last_lost_check.is_none_or(|at| at.elapsed() >= LOST_CHECK_AFTER)
+                || quiet >= LOST_CHECK_ANYWAY_AFTER
+                    && last_lost_check.is_none_or(|at| at.elapsed() >= LOST_CHECK_ANYWAY_AFTER))
         {
             last_lost_check = Some(tokio::time::Instant::now());
             match shared.resubmit_lost(&session).await {
