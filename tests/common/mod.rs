@@ -57,6 +57,9 @@ pub enum ProbeJob {
     /// Record a run in the first file (as `CountRuns`), then wait until the second path exists
     /// (at most 120 s), then echo: holds a worker busy until the test releases it.
     Gate(PathBuf, PathBuf, i64),
+    /// Sleep this many milliseconds, then return the bytes reversed (as `Reverse`): a big job
+    /// that runs for a while.
+    SleepReverse(u64, serde_bytes::ByteBuf),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,6 +114,13 @@ impl Worker for Probe {
             }
             ProbeJob::ReverseCounted(file, v, mut buf) => {
                 record_run(&file, v, self.ctx.worker_id())?;
+                buf.reverse();
+                let n = buf.len() as i64;
+                bytes = Some(buf);
+                n
+            }
+            ProbeJob::SleepReverse(ms, mut buf) => {
+                std::thread::sleep(Duration::from_millis(ms));
                 buf.reverse();
                 let n = buf.len() as i64;
                 bytes = Some(buf);
