@@ -1457,16 +1457,62 @@ impl Drop for Burners {
 /// each run exactly once. The lease holds from the take through the payload's arrival, the
 /// run and the result's upload.
 async fn busy_node_keeps_its_big_and_long_jobs() -> Result<(), Failed> {
-    const BIG: usize = 600 << 20;
+    // `DC_BUSY_MIB`: the big job's size in MiB (600 by default; 1000 to time a 1 GiB job).
+    let big_mib: usize = std::env::var("DC_BUSY_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(600);
+    let big_len: usize = big_mib << 20;
     let lease = Duration::from_secs(2);
     let dir = TempDir::new("busy")?;
     let runs = dir.path().join("runs");
     let (_head, port) = start_head(2).await?;
     let pool = pool_with_lease(port, "busy", Some(lease)).await?;
     check!(wait_workers(&pool, 2, 1).await, "expected 2 workers");
-    let big: Vec<u8> = (0..BIG).map(|i| (i % 251) as u8).collect();
+    let big: Vec<u8> = (0..big_len).map(|i| (i % 251) as u8).collect();
     let burners = Burners::start(3)?;
     let started = Instant::now();
+    // The lease clock: each leased job's idle time in the broker (reset by every renewal),
+    // sampled every 100 ms: per lease, when it was first and last seen, the largest idle time,
+    // and how many renewals the samples show.
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let sampling = sampling.clone();
+        let jobs_key = format!("dc:{{{}}}:jobs", pool.session_id());
+        tokio::spawn(async move {
+            let mut seen: BTreeMap<String, LeaseClock> = BTreeMap::new();
+            while sampling.load(Ordering::Acquire) {
+                let out = redis_cli(port, &["XPENDING", &jobs_key, "w", "-", "+", "10"])
+                    .await
+                    .ok();
+                let at = started.elapsed();
+                if let Some(out) = out {
+                    let lines: Vec<&str> = out.lines().map(str::trim).collect();
+                    for entry in lines.chunks(4) {
+                        if let [id, _, ms, _] = entry
+                            && let Ok(ms) = ms.parse::<u64>()
+                        {
+                            let clock = seen.entry(id.to_string()).or_insert(LeaseClock {
+                                first: at,
+                                last: at,
+                                idle: ms,
+                                longest: ms,
+                                renewals: 0,
+                            });
+                            if ms < clock.idle {
+                                clock.renewals += 1;
+                            }
+                            clock.last = at;
+                            clock.idle = ms;
+                            clock.longest = clock.longest.max(ms);
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            seen
+        })
+    };
     let jobs = vec![
         ProbeJob::ReverseCounted(runs.clone(), 0, serde_bytes::ByteBuf::from(big)),
         ProbeJob::CountRuns(runs.clone(), 12_000, 1),
@@ -1477,18 +1523,25 @@ async fn busy_node_keeps_its_big_and_long_jobs() -> Result<(), Failed> {
         .await?;
     let took = started.elapsed();
     drop(burners);
-    let outs = exactly_once(&items, 3, |i| if i == 0 { BIG as i64 } else { i as i64 })?;
+    sampling.store(false, Ordering::Release);
+    let clocks = sampler.await.map_err(|e| format!("sampler: {e}"))?;
+    let longest = clocks.values().map(|c| c.longest).max().unwrap_or(0);
+    let outs = exactly_once(
+        &items,
+        3,
+        |i| if i == 0 { big_len as i64 } else { i as i64 },
+    )?;
     let reversed = outs[0]
         .0
         .bytes
         .as_ref()
         .ok_or("the big job returned no bytes")?;
     check!(
-        reversed.len() == BIG
+        reversed.len() == big_len
             && reversed
                 .iter()
                 .enumerate()
-                .all(|(i, b)| *b == ((BIG - 1 - i) % 251) as u8),
+                .all(|(i, b)| *b == ((big_len - 1 - i) % 251) as u8),
         "the big job's output is not its input reversed"
     );
     for value in 0..3 {
@@ -1499,13 +1552,36 @@ async fn busy_node_keeps_its_big_and_long_jobs() -> Result<(), Failed> {
             all.len()
         );
     }
-    eprintln!(
-        "MEASURE busy node: a {} MiB job and two 12 s jobs, 3 busy loops on 2 cores, lease {lease:?}: each ran once, all done after {:.1} s",
-        BIG >> 20,
-        secs(took)
+    check!(
+        longest < lease.as_millis() as u64,
+        "a lease went {longest} ms without renewal (lease {lease:?}): {clocks:?}"
     );
+    eprintln!(
+        "MEASURE busy node: a {} MiB job and two 12 s jobs, 3 busy loops on 2 cores, lease {lease:?}: each ran once, all done after {:.1} s; longest a lease went unrenewed: {longest} ms",
+        big_len >> 20,
+        secs(took),
+    );
+    for clock in clocks.values() {
+        eprintln!(
+            "MEASURE busy node lease: held from {:.1} s to {:.1} s after the submit, {} renewals seen, longest unrenewed {} ms",
+            secs(clock.first),
+            secs(clock.last),
+            clock.renewals,
+            clock.longest
+        );
+    }
     pool.close().await?;
     Ok(())
+}
+
+/// One lease's clock in the broker, as sampled.
+#[derive(Debug)]
+struct LeaseClock {
+    first: Duration,
+    last: Duration,
+    idle: u64,
+    longest: u64,
+    renewals: usize,
 }
 
 /// What a planted value may cost: nothing, or the one job it was planted in.
