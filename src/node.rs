@@ -532,7 +532,8 @@ const WAITING_LOG_PERIOD: Duration = Duration::from_secs(10);
 async fn wait_for_server(url: &str, timeout: Duration) -> Result<Arc<dyn Broker>, NodeError> {
     let server = dc_core::redact_url(url);
     let started = Instant::now();
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(3));
+    let mut backoff =
+        dc_core::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(3));
     let mut last_log: Option<Instant> = None;
     loop {
         match crate::backends::broker_from_url(url, timeout).await {
@@ -555,46 +556,6 @@ async fn wait_for_server(url: &str, timeout: Duration) -> Result<Arc<dyn Broker>
             }
             Err(e) => return Err(e.into()),
         }
-    }
-}
-
-/// Exponential backoff with jitter: each pause is drawn between half and all of
-/// `min * 2^n` (capped at `max`), so many nodes waiting for one server do not retry in step.
-#[derive(Debug, Clone)]
-pub(crate) struct Backoff {
-    min: Duration,
-    max: Duration,
-    failures: u32,
-    seed: u64,
-}
-
-impl Backoff {
-    pub(crate) fn new(min: Duration, max: Duration) -> Self {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
-        Backoff {
-            min,
-            max,
-            failures: 0,
-            seed: now ^ (u64::from(std::process::id()) << 32) | 1,
-        }
-    }
-
-    /// The pause before the next try.
-    pub(crate) fn next_pause(&mut self) -> Duration {
-        let ceiling = self
-            .min
-            .saturating_mul(1u32 << self.failures.min(16))
-            .min(self.max);
-        self.failures = self.failures.saturating_add(1);
-        // xorshift64: jitter needs spread, not cryptographic randomness.
-        self.seed ^= self.seed << 13;
-        self.seed ^= self.seed >> 7;
-        self.seed ^= self.seed << 17;
-        let fraction = 0.5 + (self.seed >> 11) as f64 / (1u64 << 53) as f64 / 2.0;
-        ceiling.mul_f64(fraction)
     }
 }
 
@@ -1024,29 +985,5 @@ pub fn node_pid_checked(dir: &Path) -> NodeProcess {
     match (holder, recorded) {
         (Some(h), Some(r)) if h == r => NodeProcess::Running(h),
         _ => NodeProcess::Unverified { holder, recorded },
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Backoff;
-    use std::time::Duration;
-
-    #[test]
-    fn backoff_grows_to_its_cap_with_jitter() {
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(3));
-        let pauses: Vec<Duration> = (0..40).map(|_| backoff.next_pause()).collect();
-        assert!(pauses[0] >= Duration::from_millis(50) && pauses[0] <= Duration::from_millis(100));
-        assert!(
-            pauses.iter().all(|p| *p <= Duration::from_secs(3)),
-            "{pauses:?}"
-        );
-        let late = &pauses[10..];
-        assert!(
-            late.iter().all(|p| *p >= Duration::from_millis(1500)),
-            "{late:?}"
-        );
-        let distinct: std::collections::HashSet<_> = late.iter().collect();
-        assert!(distinct.len() > 20, "no jitter: {late:?}");
     }
 }

@@ -20,8 +20,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::cluster::{
-    NodeProc, ROLE, TempDir, pool, pool_with_lease, redis_cli, rss_kib, start_head,
-    start_head_with, start_worker_node, start_worker_node_with, status_json, wait_workers,
+    NodeProc, PASSWORD, ROLE, RedisServerProc, TempDir, free_port, pool, pool_with_lease,
+    redis_cli, rss_kib, start_head, start_head_with, start_worker_node, start_worker_node_with,
+    status_json, wait_workers,
 };
 use common::{Probe, ProbeInit, ProbeJob, ProbeOut, eventually, process_is_gone};
 use distributed_computing::{BoxError, Broker, JobFailure, Pool, PoolError, Worker, WorkerContext};
@@ -94,6 +95,8 @@ fn main() -> ExitCode {
         ),
         trial!(node_killed_holding_batched_jobs_every_job_once, 240),
         trial!(busy_node_keeps_its_big_and_long_jobs, 400),
+        trial!(pool_calls_ride_through_broker_restarts, 180),
+        trial!(pool_calls_fail_after_the_outage_timeout_saying_how_long, 60),
         trial!(hostile_broker_state_never_stops_a_node_or_the_pool, 600),
     ];
     libtest_mimic::run(&args, tests).exit_code()
@@ -1571,6 +1574,128 @@ async fn busy_node_keeps_its_big_and_long_jobs() -> Result<(), Failed> {
         );
     }
     pool.close().await?;
+    Ok(())
+}
+
+/// The head's redis-server SIGKILLed three times (the head restarts it each time, empty) while
+/// the pool owner loops on `update_workers`, `workers_count` and `nodes_count`: every call
+/// returns `Ok`, and afterwards every worker has applied each update once, in order.
+async fn pool_calls_ride_through_broker_restarts() -> Result<(), Failed> {
+    // `DC_LOG=warn` shows the pool riding out each outage.
+    if let Ok(filter) = std::env::var("DC_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
+    let (head, port) = start_head(1).await?;
+    let pool = pool_with_lease(port, "ride", Some(Duration::from_secs(3))).await?;
+    check!(wait_workers(&pool, 1, 1).await, "expected 1 worker");
+    let killing = Arc::new(AtomicBool::new(true));
+    let killer = {
+        let killing = killing.clone();
+        async move {
+            let mut outages = Vec::new();
+            for _ in 0..3 {
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                let old = head
+                    .redis_server_pid(port)
+                    .ok_or("cannot find the head's redis-server")?;
+                kill_pid(old, Signal::SIGKILL)?;
+                let killed = Instant::now();
+                let back = eventually(Duration::from_secs(20), || async {
+                    head.redis_server_pid(port).is_some_and(|p| p != old)
+                        && redis_cli(port, &["PING"])
+                            .await
+                            .is_ok_and(|r| r.trim() == "PONG")
+                })
+                .await;
+                check!(back, "the head did not restart its redis-server");
+                outages.push(killed.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            killing.store(false, Ordering::Release);
+            Ok::<_, Failed>((head, outages))
+        }
+    };
+    let caller = async {
+        let mut published = 0i64;
+        while killing.load(Ordering::Acquire) {
+            published += 1;
+            pool.update_workers(published)
+                .await
+                .map_err(|e| format!("update_workers({published}): {e}"))?;
+            pool.workers_count()
+                .await
+                .map_err(|e| format!("workers_count: {e}"))?;
+            pool.nodes_count()
+                .await
+                .map_err(|e| format!("nodes_count: {e}"))?;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok::<_, Failed>(published)
+    };
+    let (killed, published) = tokio::join!(killer, caller);
+    let (_head, outages) = killed?;
+    let published = published?;
+    let outs = pool.map((0..4).map(ProbeJob::Echo)).await?;
+    let want: Vec<i64> = (1..=published).collect();
+    for out in &outs {
+        check!(
+            out.updates == want,
+            "worker {} applied {:?}, expected 1..={published} once each, in order",
+            out.worker_id,
+            out.updates
+        );
+    }
+    eprintln!(
+        "MEASURE ride-through: 3 restarts of the pool server (back after {:?}), {published} updates, every call Ok, every worker applied each update once, in order",
+        outages
+    );
+    pool.close().await?;
+    Ok(())
+}
+
+/// A broker that goes away for good: after the outage timeout, `update_workers`,
+/// `workers_count` and `nodes_count` fail with `PoolError::Unreachable`, saying how long the
+/// broker was gone.
+async fn pool_calls_fail_after_the_outage_timeout_saying_how_long() -> Result<(), Failed> {
+    let port = free_port()?;
+    let mut server = RedisServerProc::start(port, PASSWORD).await?;
+    let pool = Pool::<Probe>::builder(ProbeInit::tagged("outage"))
+        .broker(format!("redis://:{PASSWORD}@127.0.0.1:{port}"))
+        .broker_outage_timeout(Duration::from_secs(2))
+        .connect()
+        .await?;
+    pool.update_workers(1).await?;
+    server.child.kill().await?;
+    let calls: [(&str, futures::future::BoxFuture<'_, Result<(), PoolError>>); 3] = [
+        ("update_workers", Box::pin(pool.update_workers(2))),
+        (
+            "workers_count",
+            Box::pin(async { pool.workers_count().await.map(drop) }),
+        ),
+        (
+            "nodes_count",
+            Box::pin(async { pool.nodes_count().await.map(drop) }),
+        ),
+    ];
+    for (name, call) in calls {
+        let started = Instant::now();
+        let answer = call.await;
+        let took = started.elapsed();
+        match answer {
+            Err(PoolError::Unreachable(message)) => check!(
+                message.contains("could not be reached for") && message.contains("2s"),
+                "{name}: the message does not say how long: {message}"
+            ),
+            other => return Err(format!("{name}: expected Unreachable, got {other:?}").into()),
+        }
+        check!(
+            took >= Duration::from_secs(2) && took < Duration::from_secs(20),
+            "{name} gave up after {took:?} (outage timeout 2 s)"
+        );
+    }
     Ok(())
 }
 

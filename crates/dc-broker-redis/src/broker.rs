@@ -847,6 +847,31 @@ impl RedisBroker {
         Ok((opt_string(active)?, all))
     }
 
+    /// Publish an update, as number `at` of the log when given (see
+    /// `Broker::publish_update_at`).
+    async fn publish(
+        &self,
+        session: &SessionId,
+        at: Option<UpdateSeq>,
+        payload: Bytes,
+    ) -> Result<UpdateSeq, BrokerError> {
+        too_large(payload.len())?;
+        let base = self.keys().base(session);
+        let blob = self.put(&base, &payload).await?;
+        let mut inv = SCRIPTS.publish_update.prepare_invoke();
+        inv.key(self.keys().meta(session))
+            .arg(&base)
+            .arg(blob.mode())
+            .arg(blob.arg())
+            .arg(chunk_count(payload.len(), self.chunk()))
+            .arg(payload.len())
+            .arg(KEY_TTL.as_millis() as u64);
+        if let Some(at) = at {
+            inv.arg(at);
+        }
+        uint(&self.run_in(session, &inv).await?)
+    }
+
     /// Decode one entry of the `take_results` script.
     async fn result_of(&self, base: &str, item: Value) -> Result<JobResult, BrokerError> {
         let fields = array(item)?;
@@ -1286,18 +1311,16 @@ impl Broker for RedisBroker {
         session: &SessionId,
         payload: Bytes,
     ) -> Result<UpdateSeq, BrokerError> {
-        too_large(payload.len())?;
-        let base = self.keys().base(session);
-        let blob = self.put(&base, &payload).await?;
-        let mut inv = SCRIPTS.publish_update.prepare_invoke();
-        inv.key(self.keys().meta(session))
-            .arg(&base)
-            .arg(blob.mode())
-            .arg(blob.arg())
-            .arg(chunk_count(payload.len(), self.chunk()))
-            .arg(payload.len())
-            .arg(KEY_TTL.as_millis() as u64);
-        uint(&self.run_in(session, &inv).await?)
+        self.publish(session, None, payload).await
+    }
+
+    async fn publish_update_at(
+        &self,
+        session: &SessionId,
+        seq: UpdateSeq,
+        payload: Bytes,
+    ) -> Result<UpdateSeq, BrokerError> {
+        self.publish(session, Some(seq), payload).await
     }
 
     async fn take_results(

@@ -939,6 +939,40 @@ async fn results_waiting_or_being_read_are_never_announced_twice() {
     assert!(after.is_empty(), "results handed out again: {after:?}");
 }
 
+/// An update published at its place in the log goes in once: called again (an answer lost on
+/// the way), it adds nothing; a log that lost earlier updates reads as a gone session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_published_at_its_place_goes_in_once() {
+    let (broker, _) = broker().await;
+    let s = open(&broker, Duration::from_secs(30)).await;
+    let big = pattern(300 << 10, 9);
+    for _ in 0..2 {
+        let seq = broker
+            .publish_update_at(&s, 1, Bytes::from_static(b"one"))
+            .await
+            .expect("publish 1");
+        assert_eq!(seq, 1);
+        let seq = broker
+            .publish_update_at(&s, 2, big.clone())
+            .await
+            .expect("publish 2 (staged by chunks)");
+        assert_eq!(seq, 2);
+    }
+    let log = broker.read_updates(&s, 0, 10).await.expect("read_updates");
+    assert_eq!(
+        log,
+        vec![(1, Bytes::from_static(b"one")), (2, big)],
+        "each update once, in order"
+    );
+    match broker
+        .publish_update_at(&s, 4, Bytes::from_static(b"four"))
+        .await
+    {
+        Err(BrokerError::SessionGone(_)) => {}
+        other => panic!("a log missing update 3 must read as gone, got {other:?}"),
+    }
+}
+
 struct Doubler;
 
 impl dc_core::Worker for Doubler {

@@ -468,6 +468,21 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
         session: &SessionId,
         payload: Bytes,
     ) -> Result<UpdateSeq, BrokerError>;
+    /// Append an update as number `seq` of the session's log, which holds `seq - 1` updates
+    /// when it is first called: called again after an answer lost on the way (a connection
+    /// dropped), it finds the update there and adds nothing, so a retry never publishes an
+    /// update twice. A log that holds fewer than `seq - 1` updates lost some:
+    /// [`BrokerError::SessionGone`]. The default, for a backend whose calls cannot fail
+    /// halfway, is [`Broker::publish_update`].
+    async fn publish_update_at(
+        &self,
+        session: &SessionId,
+        seq: UpdateSeq,
+        payload: Bytes,
+    ) -> Result<UpdateSeq, BrokerError> {
+        let _ = seq;
+        self.publish_update(session, payload).await
+    }
     /// Take up to `max` results (each result is handed out once), waiting up to `wait`.
     async fn take_results(
         &self,

@@ -8,6 +8,7 @@
 //! - `testing`: [`testing`], the broker conformance suite every backend runs.
 
 pub mod agent;
+pub mod backoff;
 pub mod broker;
 mod error;
 mod local;

@@ -15,9 +15,10 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::agent::{AgentConfig, AgentHandle, SlotSpec, WorkerCommand, host_name, spawn_agent};
+use crate::backoff::Backoff;
 use crate::broker::{
     Broker, JobId, JobOutcome, JobResult, NewJob, NodeId, NodeProblem, SessionId, SessionInfo,
-    SessionSpec, SessionState, UpdateSeq,
+    SessionSpec, SessionState, SessionStats, UpdateSeq,
 };
 use crate::error::{BrokerError, PoolError};
 use crate::local::LocalBroker;
@@ -157,6 +158,7 @@ pub struct PoolBuilder<W: Worker, C: Connector = LocalOnly> {
     workers_per_gpu: usize,
     worker_program: Option<PathBuf>,
     connect_timeout: Duration,
+    outage_timeout: Duration,
     _connector: PhantomData<fn() -> C>,
 }
 
@@ -190,6 +192,7 @@ impl<W: Worker, C: Connector> PoolBuilder<W, C> {
             workers_per_gpu: 1,
             worker_program: None,
             connect_timeout: Duration::from_secs(5),
+            outage_timeout: DEFAULT_OUTAGE_TIMEOUT,
             _connector: PhantomData,
         }
     }
@@ -197,6 +200,15 @@ impl<W: Worker, C: Connector> PoolBuilder<W, C> {
     /// How long `connect` tries to reach a head node or broker (default 5 s).
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
+        self
+    }
+
+    /// How long a call (`update_workers`, `workers_count`, `nodes_count`, `close`) rides out
+    /// a broker it cannot reach (a head restarting its server, a network blip), retrying with
+    /// jittered backoff, before it fails with [`PoolError::Unreachable`] saying how long the
+    /// broker was gone (default 60 s). `map` and `imap_unordered` always wait.
+    pub fn broker_outage_timeout(mut self, timeout: Duration) -> Self {
+        self.outage_timeout = timeout;
         self
     }
 
@@ -317,7 +329,7 @@ impl<W: Worker, C: Connector> PoolBuilder<W, C> {
             Target::Local => self.connect_local(spec).await,
             Target::Instance(broker) => {
                 let info = open_session(broker.as_ref(), &spec).await?;
-                Ok(Pool::start(broker, info, None))
+                Ok(Pool::start(broker, info, None, self.outage_timeout))
             }
             Target::Url(_) | Target::Server => {
                 let target = NetworkTarget {
@@ -332,7 +344,7 @@ impl<W: Worker, C: Connector> PoolBuilder<W, C> {
                 };
                 let broker = C::connect(&target).await?;
                 let info = open_session(broker.as_ref(), &spec).await?;
-                Ok(Pool::start(broker, info, None))
+                Ok(Pool::start(broker, info, None, self.outage_timeout))
             }
         }
     }
@@ -369,7 +381,7 @@ impl<W: Worker, C: Connector> PoolBuilder<W, C> {
         );
         config.heartbeat = (self.lease / 4).min(Duration::from_secs(1));
         let agent = spawn_agent(broker.clone(), config);
-        Ok(Pool::start(broker, info, Some(agent)))
+        Ok(Pool::start(broker, info, Some(agent), self.outage_timeout))
     }
 }
 
@@ -527,9 +539,51 @@ struct Shared {
     /// Submissions in progress: their jobs are routed but may not be in the broker yet.
     submitting: AtomicUsize,
     closed: AtomicBool,
+    /// How long a call rides out a broker it cannot reach.
+    outage_timeout: Duration,
 }
 
 impl Shared {
+    /// Call the broker until it answers, riding out connection trouble (a server restarting,
+    /// a network blip) with jittered backoff for up to the outage timeout; then fail with
+    /// [`PoolError::Unreachable`], saying how long the broker was gone. Any other error
+    /// returns at once, as does a pool closed meanwhile (unless `closing`: the call closes it).
+    async fn ride_out<T, F, Fut>(&self, closing: bool, mut call: F) -> Result<T, PoolError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, BrokerError>>,
+    {
+        let mut outage: Option<(tokio::time::Instant, Backoff)> = None;
+        let mut said: Option<tokio::time::Instant> = None;
+        loop {
+            match call().await {
+                Err(e) if e.is_transient() && (closing || !self.closed.load(Ordering::Acquire)) => {
+                    let (since, backoff) = outage.get_or_insert_with(|| {
+                        (
+                            tokio::time::Instant::now(),
+                            Backoff::new(Duration::from_millis(50), Duration::from_secs(2)),
+                        )
+                    });
+                    let gone = since.elapsed();
+                    if gone >= self.outage_timeout {
+                        return Err(PoolError::Unreachable(format!(
+                            "the broker could not be reached for {:.1} s (the outage timeout is {:?}): {e}",
+                            gone.as_secs_f64(),
+                            self.outage_timeout
+                        )));
+                    }
+                    if said.is_none_or(|at| at.elapsed() >= OUTAGE_SAID_EVERY) {
+                        said = Some(tokio::time::Instant::now());
+                        tracing::warn!(error = %e, gone_s = gone.as_secs(), "the broker cannot be reached; retrying");
+                    }
+                    let pause = backoff.next_pause().min(self.outage_timeout - gone);
+                    tokio::time::sleep(pause).await;
+                }
+                other => return other.map_err(PoolError::from),
+            }
+        }
+    }
+
     fn routes(&self) -> std::sync::MutexGuard<'_, HashMap<JobId, Route>> {
         self.routes.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -678,7 +732,12 @@ impl<W: Worker, C: Connector> Pool<W, C> {
         PoolBuilder::new(init)
     }
 
-    fn start(broker: Arc<dyn Broker>, session: SessionInfo, agent: Option<AgentHandle>) -> Self {
+    fn start(
+        broker: Arc<dyn Broker>,
+        session: SessionInfo,
+        agent: Option<AgentHandle>,
+        outage_timeout: Duration,
+    ) -> Self {
         tracing::info!(session = %session.id, kind = %session.spec.kind, "pool session open");
         let shared = Arc::new(Shared {
             broker,
@@ -691,6 +750,7 @@ impl<W: Worker, C: Connector> Pool<W, C> {
             last_result: Mutex::new(tokio::time::Instant::now()),
             submitting: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
+            outage_timeout,
         });
         let tasks = vec![
             tokio::spawn(dispatch_results(shared.clone())),
@@ -821,8 +881,12 @@ impl<W: Worker, C: Connector> Pool<W, C> {
     /// when idle), and workers that start later replay it before their first job. Jobs
     /// submitted after this call run on workers that applied it.
     ///
+    /// A broker that cannot be reached is waited for (see
+    /// [`PoolBuilder::broker_outage_timeout`]); the update is published once all the same.
+    ///
     /// # Errors
-    /// [`PoolError::Closed`], [`PoolError::PayloadTooLarge`], or a broker error.
+    /// [`PoolError::Closed`], [`PoolError::PayloadTooLarge`], [`PoolError::Unreachable`] after
+    /// the outage timeout, or a broker error.
     pub async fn update_workers(&self, update: W::Update) -> Result<(), PoolError> {
         self.check_open()?;
         let limit = self.shared.broker.max_payload();
@@ -830,20 +894,27 @@ impl<W: Worker, C: Connector> Pool<W, C> {
         let mut log = self.shared.updates.lock().await;
         let seq = loop {
             let session = self.shared.id();
-            match self
+            // Its place in the log: a retry after an answer lost on the way finds it there.
+            let at = log.len() as UpdateSeq + 1;
+            let published = self
                 .shared
-                .broker
-                .publish_update(&session, payload.clone())
-                .await
-            {
+                .ride_out(false, || {
+                    self.shared
+                        .broker
+                        .publish_update_at(&session, at, payload.clone())
+                })
+                .await;
+            match published {
                 Ok(seq) => break seq,
-                Err(BrokerError::SessionGone(_)) if !self.shared.closed.load(Ordering::Acquire) => {
+                Err(PoolError::Broker(BrokerError::SessionGone(_)))
+                    if !self.shared.closed.load(Ordering::Acquire) =>
+                {
                     // Recover here (the log lock is ours), then publish into the new session.
                     drop(log);
                     self.shared.recover(&session).await;
                     log = self.shared.updates.lock().await;
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(e),
             }
         };
         log.push(payload);
@@ -854,36 +925,48 @@ impl<W: Worker, C: Connector> Pool<W, C> {
     /// Worker processes serving this pool now (ready or busy).
     ///
     /// # Errors
-    /// [`PoolError::Closed`] or a broker error.
+    /// [`PoolError::Closed`], [`PoolError::Unreachable`] after the outage timeout, or a broker
+    /// error.
     pub async fn workers_count(&self) -> Result<usize, PoolError> {
-        self.check_open()?;
-        Ok(self
-            .shared
-            .broker
-            .session_stats(&self.shared.id())
-            .await?
-            .workers)
+        Ok(self.stats_now().await?.workers)
     }
 
     /// Nodes (machines) serving this pool now.
     ///
     /// # Errors
-    /// [`PoolError::Closed`] or a broker error.
+    /// [`PoolError::Closed`], [`PoolError::Unreachable`] after the outage timeout, or a broker
+    /// error.
     pub async fn nodes_count(&self) -> Result<usize, PoolError> {
+        Ok(self.stats_now().await?.nodes)
+    }
+
+    /// The session's counts, riding out a broker outage (and the loss of the session that
+    /// may come with it: the pool reopens it, and the counts are those of the new one).
+    async fn stats_now(&self) -> Result<SessionStats, PoolError> {
         self.check_open()?;
-        Ok(self
-            .shared
-            .broker
-            .session_stats(&self.shared.id())
-            .await?
-            .nodes)
+        loop {
+            let session = self.shared.id();
+            let stats = self
+                .shared
+                .ride_out(false, || self.shared.broker.session_stats(&session))
+                .await;
+            match stats {
+                Err(PoolError::Broker(BrokerError::SessionGone(_)))
+                    if !self.shared.closed.load(Ordering::Acquire) =>
+                {
+                    self.shared.recover(&session).await;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Close the pool: abort active jobs, release the workers (a local pool stops its worker
     /// processes). Calls still waiting get [`PoolError::Closed`]. Closing twice is fine.
     ///
     /// # Errors
-    /// A broker error while closing the session (the pool is closed on this side anyway).
+    /// A broker error while closing the session, or [`PoolError::Unreachable`] when the broker
+    /// stayed out of reach for the outage timeout (the pool is closed on this side anyway).
     pub async fn close(&self) -> Result<(), PoolError> {
         if self.shared.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
@@ -892,12 +975,16 @@ impl<W: Worker, C: Connector> Pool<W, C> {
             task.abort();
         }
         self.shared.abort_all(&PoolError::Closed);
-        let closed = self.shared.broker.close_session(&self.shared.id()).await;
+        let session = self.shared.id();
+        let closed = self
+            .shared
+            .ride_out(true, || self.shared.broker.close_session(&session))
+            .await;
         if let Some(agent) = self.agent.lock().await.take() {
             agent.shutdown().await;
         }
         tracing::info!(session = %self.shared.id(), "pool closed");
-        closed.map_err(PoolError::from)
+        closed
     }
 
     /// Pids of this local pool's worker processes (empty for a pool on a server).
@@ -1052,6 +1139,12 @@ impl<W: Worker> Drop for Imap<W> {
         }
     }
 }
+
+/// Default of [`PoolBuilder::broker_outage_timeout`].
+const DEFAULT_OUTAGE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How often a call waiting on an unreachable broker says so (and once at first).
+const OUTAGE_SAID_EVERY: Duration = Duration::from_secs(10);
 
 /// The pause before retrying after `failures` failures in a row: 200 ms doubling, at most 3 s.
 async fn retry_pause(failures: u32) {
