@@ -19,14 +19,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::cluster::{PASSWORD, RedisServerProc, free_port, redis_cli};
+use common::hooked::{Hooked, Hooks};
 use common::{Probe, ProbeInit, ProbeJob, TestResult, eventually};
 use distributed_computing::agent::{AgentConfig, SlotSpec, WorkerCommand, spawn_agent};
-use distributed_computing::broker::{
-    Abandoned, AttemptEnd, Completion, JobId, JobResult, Lease, LeasedJob, NewJob, NodeId,
-    NodeProblem, NodeSeen, NodeStatus, Outcome, SessionId, SessionInfo, SessionSpec, SessionState,
-    SessionStats, UpdateSeq, WorkerId,
-};
-use distributed_computing::{Broker, BrokerError, Pool, PoolError, RedisBroker, RedisOptions};
+use distributed_computing::broker::NodeId;
+use distributed_computing::{Broker, Pool, PoolError, RedisBroker, RedisOptions};
 use futures::StreamExt;
 
 fn main() -> ExitCode {
@@ -56,26 +53,58 @@ struct Switches {
     reading: AtomicUsize,
 }
 
-/// Wait while `paused`, then count the call in `inflight` until the guard drops.
-async fn pass<'a>(paused: &AtomicBool, inflight: &'a AtomicUsize) -> InFlight<'a> {
-    loop {
-        while paused.load(Ordering::Acquire) {
-            tokio::time::sleep(Duration::from_millis(5)).await;
+/// Which calls a hook holds and counts.
+#[derive(Debug, Clone, Copy)]
+enum Calls {
+    Takes,
+    Reads,
+}
+
+/// Holds the node's takes and the pool's result reads while their switch is on.
+#[derive(Debug)]
+struct Gates(Arc<Switches>);
+
+impl Gates {
+    /// Wait while the calls are paused, then count this one in flight until the guard drops.
+    async fn pass(&self, calls: Calls) -> Box<dyn std::any::Any + Send> {
+        let switches = &self.0;
+        let (paused, inflight) = match calls {
+            Calls::Takes => (&switches.takes, &switches.taking),
+            Calls::Reads => (&switches.results, &switches.reading),
+        };
+        loop {
+            while paused.load(Ordering::Acquire) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            inflight.fetch_add(1, Ordering::AcqRel);
+            if !paused.load(Ordering::Acquire) {
+                return Box::new(InFlight(self.0.clone(), calls));
+            }
+            // Paused meanwhile: wait again.
+            inflight.fetch_sub(1, Ordering::AcqRel);
         }
-        inflight.fetch_add(1, Ordering::AcqRel);
-        if !paused.load(Ordering::Acquire) {
-            return InFlight(inflight);
-        }
-        // Paused meanwhile: wait again.
-        inflight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
-struct InFlight<'a>(&'a AtomicUsize);
+#[async_trait::async_trait]
+impl Hooks for Gates {
+    async fn take(&self) -> Box<dyn std::any::Any + Send> {
+        self.pass(Calls::Takes).await
+    }
+    async fn read_results(&self) -> Box<dyn std::any::Any + Send> {
+        self.pass(Calls::Reads).await
+    }
+}
 
-impl Drop for InFlight<'_> {
+/// One call counted in flight; uncounted when dropped.
+struct InFlight(Arc<Switches>, Calls);
+
+impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        match self.1 {
+            Calls::Takes => self.0.taking.fetch_sub(1, Ordering::AcqRel),
+            Calls::Reads => self.0.reading.fetch_sub(1, Ordering::AcqRel),
+        };
     }
 }
 
@@ -90,105 +119,6 @@ async fn pause(paused: &AtomicBool, inflight: &AtomicUsize) -> Result<(), String
         Ok(())
     } else {
         Err("calls still in flight 30 s after the pause".into())
-    }
-}
-
-/// A Redis broker whose takes and result reads wait while their switch is on.
-#[derive(Debug)]
-struct Gated {
-    inner: RedisBroker,
-    switches: Arc<Switches>,
-}
-
-type BrokerResult<T> = Result<T, BrokerError>;
-
-#[async_trait::async_trait]
-impl Broker for Gated {
-    fn max_payload(&self) -> usize {
-        self.inner.max_payload()
-    }
-    async fn try_open_session(&self, spec: &SessionSpec) -> BrokerResult<Option<SessionInfo>> {
-        self.inner.try_open_session(spec).await
-    }
-    async fn keep_session_alive(&self, session: &SessionId) -> BrokerResult<SessionState> {
-        self.inner.keep_session_alive(session).await
-    }
-    async fn close_session(&self, session: &SessionId) -> BrokerResult<()> {
-        self.inner.close_session(session).await
-    }
-    async fn submit(&self, session: &SessionId, jobs: Vec<NewJob>) -> BrokerResult<()> {
-        self.inner.submit(session, jobs).await
-    }
-    async fn publish_update(
-        &self,
-        session: &SessionId,
-        payload: bytes::Bytes,
-    ) -> BrokerResult<UpdateSeq> {
-        self.inner.publish_update(session, payload).await
-    }
-    async fn take_results(
-        &self,
-        session: &SessionId,
-        max: usize,
-        wait: Duration,
-    ) -> BrokerResult<Vec<JobResult>> {
-        let _counted = pass(&self.switches.results, &self.switches.reading).await;
-        self.inner.take_results(session, max, wait).await
-    }
-    async fn session_stats(&self, session: &SessionId) -> BrokerResult<SessionStats> {
-        self.inner.session_stats(session).await
-    }
-    async fn lost_jobs(&self, session: &SessionId, jobs: &[JobId]) -> BrokerResult<Vec<JobId>> {
-        self.inner.lost_jobs(session, jobs).await
-    }
-    async fn reap_expired(&self) -> BrokerResult<usize> {
-        self.inner.reap_expired().await
-    }
-    async fn nodes(&self, within: Duration) -> BrokerResult<Vec<NodeSeen>> {
-        self.inner.nodes(within).await
-    }
-    async fn heartbeat(&self, status: &NodeStatus) -> BrokerResult<()> {
-        self.inner.heartbeat(status).await
-    }
-    async fn leave(&self, node: &NodeId) -> BrokerResult<()> {
-        self.inner.leave(node).await
-    }
-    async fn active_session(&self, wait: Duration) -> BrokerResult<Option<SessionInfo>> {
-        self.inner.active_session(wait).await
-    }
-    async fn report_problem(&self, session: &SessionId, problem: NodeProblem) -> BrokerResult<()> {
-        self.inner.report_problem(session, problem).await
-    }
-    async fn take_jobs(
-        &self,
-        session: &SessionId,
-        node: &NodeId,
-        worker: &WorkerId,
-        max: usize,
-        wait: Duration,
-    ) -> BrokerResult<Vec<LeasedJob>> {
-        let _counted = pass(&self.switches.takes, &self.switches.taking).await;
-        self.inner.take_jobs(session, node, worker, max, wait).await
-    }
-    async fn complete(&self, lease: &Lease, outcome: Outcome) -> BrokerResult<Completion> {
-        self.inner.complete(lease, outcome).await
-    }
-    async fn complete_many(
-        &self,
-        outcomes: Vec<(Lease, Outcome)>,
-    ) -> BrokerResult<Vec<Completion>> {
-        self.inner.complete_many(outcomes).await
-    }
-    async fn abandon(&self, lease: &Lease, end: AttemptEnd) -> BrokerResult<Abandoned> {
-        self.inner.abandon(lease, end).await
-    }
-    async fn read_updates(
-        &self,
-        session: &SessionId,
-        after: UpdateSeq,
-        max: usize,
-    ) -> BrokerResult<Vec<(UpdateSeq, bytes::Bytes)>> {
-        self.inner.read_updates(session, after, max).await
     }
 }
 
@@ -390,10 +320,10 @@ async fn every_key_and_field_damaged_mid_run_costs_at_most_its_job() -> TestResu
     let _server = RedisServerProc::start(port, PASSWORD).await?;
     let url = format!("redis://:{PASSWORD}@127.0.0.1:{port}");
     let switches = Arc::new(Switches::default());
-    let gated = |inner| {
-        Arc::new(Gated {
-            inner,
-            switches: switches.clone(),
+    let gated = |inner: RedisBroker| {
+        Arc::new(Hooked {
+            inner: Arc::new(inner) as Arc<dyn Broker>,
+            hooks: Gates(switches.clone()),
         })
     };
     let node_id = "hostile-node";

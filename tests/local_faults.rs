@@ -9,11 +9,7 @@ use std::process::{ExitCode, Stdio};
 use std::time::Duration;
 
 use common::{Probe, ProbeInit, ProbeJob, TestResult, distinct, eventually, process_is_gone};
-use distributed_computing::broker::{
-    Abandoned, AttemptEnd, Completion, JobResult, Lease, LeasedJob, NewJob, NodeId, NodeProblem,
-    NodeSeen, NodeStatus, Outcome, SessionId, SessionInfo, SessionSpec, SessionState, SessionStats,
-    UpdateSeq, WorkerId,
-};
+use distributed_computing::broker::{AttemptEnd, NodeId, SessionId};
 use distributed_computing::{JobFailure, Pool, PoolError};
 use futures::StreamExt;
 
@@ -396,100 +392,15 @@ async fn tiny_jobs_with_poison_jobs_charge_only_the_poison() -> TestResult {
     Ok(())
 }
 
-type BrokerResult<T> = Result<T, distributed_computing::BrokerError>;
-
-/// A broker whose result reports each take `delay` (a big result on a busy machine); every
-/// other call goes straight to the local broker.
+/// Result reports that each take `0` (a big result on a busy machine).
 #[derive(Debug)]
-struct SlowReports {
-    inner: std::sync::Arc<distributed_computing::LocalBroker>,
-    delay: Duration,
-}
+struct SlowReports(Duration);
 
 #[async_trait::async_trait]
-impl distributed_computing::Broker for SlowReports {
-    fn max_payload(&self) -> usize {
-        self.inner.max_payload()
-    }
-    async fn try_open_session(&self, spec: &SessionSpec) -> BrokerResult<Option<SessionInfo>> {
-        self.inner.try_open_session(spec).await
-    }
-    async fn keep_session_alive(&self, session: &SessionId) -> BrokerResult<SessionState> {
-        self.inner.keep_session_alive(session).await
-    }
-    async fn close_session(&self, session: &SessionId) -> BrokerResult<()> {
-        self.inner.close_session(session).await
-    }
-    async fn submit(&self, session: &SessionId, jobs: Vec<NewJob>) -> BrokerResult<()> {
-        self.inner.submit(session, jobs).await
-    }
-    async fn publish_update(
-        &self,
-        session: &SessionId,
-        payload: bytes::Bytes,
-    ) -> BrokerResult<UpdateSeq> {
-        self.inner.publish_update(session, payload).await
-    }
-    async fn take_results(
-        &self,
-        session: &SessionId,
-        max: usize,
-        wait: Duration,
-    ) -> BrokerResult<Vec<JobResult>> {
-        self.inner.take_results(session, max, wait).await
-    }
-    async fn session_stats(&self, session: &SessionId) -> BrokerResult<SessionStats> {
-        self.inner.session_stats(session).await
-    }
-    async fn reap_expired(&self) -> BrokerResult<usize> {
-        self.inner.reap_expired().await
-    }
-    async fn nodes(&self, within: Duration) -> BrokerResult<Vec<NodeSeen>> {
-        self.inner.nodes(within).await
-    }
-    async fn heartbeat(&self, status: &NodeStatus) -> BrokerResult<()> {
-        self.inner.heartbeat(status).await
-    }
-    async fn leave(&self, node: &NodeId) -> BrokerResult<()> {
-        self.inner.leave(node).await
-    }
-    async fn active_session(&self, wait: Duration) -> BrokerResult<Option<SessionInfo>> {
-        self.inner.active_session(wait).await
-    }
-    async fn report_problem(&self, session: &SessionId, problem: NodeProblem) -> BrokerResult<()> {
-        self.inner.report_problem(session, problem).await
-    }
-    async fn take_jobs(
-        &self,
-        session: &SessionId,
-        node: &NodeId,
-        worker: &WorkerId,
-        max: usize,
-        wait: Duration,
-    ) -> BrokerResult<Vec<LeasedJob>> {
-        self.inner.take_jobs(session, node, worker, max, wait).await
-    }
-    async fn complete(&self, lease: &Lease, outcome: Outcome) -> BrokerResult<Completion> {
-        tokio::time::sleep(self.delay).await;
-        self.inner.complete(lease, outcome).await
-    }
-    async fn complete_many(
-        &self,
-        outcomes: Vec<(Lease, Outcome)>,
-    ) -> BrokerResult<Vec<Completion>> {
-        tokio::time::sleep(self.delay).await;
-        self.inner.complete_many(outcomes).await
-    }
-    async fn abandon(&self, lease: &Lease, end: AttemptEnd) -> BrokerResult<Abandoned> {
-        self.inner.abandon(lease, end).await
-    }
-    async fn read_updates(
-        &self,
-        session: &SessionId,
-        after: UpdateSeq,
-        max: usize,
-    ) -> BrokerResult<Vec<(UpdateSeq, bytes::Bytes)>> {
-        self.inner.read_updates(session, after, max).await
+impl common::hooked::Hooks for SlowReports {
+    async fn report(&self) -> Box<dyn std::any::Any + Send> {
+        tokio::time::sleep(self.0).await;
+        Box::new(())
     }
 }
 
@@ -501,9 +412,9 @@ async fn jobs_taken_while_a_slow_report_runs_keep_their_leases() -> TestResult {
     let lease = Duration::from_millis(800);
     let dir = common::cluster::TempDir::new("slow-report")?;
     let runs = dir.path().join("runs");
-    let broker = std::sync::Arc::new(SlowReports {
+    let broker = std::sync::Arc::new(common::hooked::Hooked {
         inner: std::sync::Arc::new(distributed_computing::LocalBroker::new()),
-        delay: lease * 3,
+        hooks: SlowReports(lease * 3),
     });
     let mut config = AgentConfig::new(
         NodeId("slow-report-node".into()),

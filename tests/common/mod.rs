@@ -3,6 +3,7 @@
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
 pub mod cluster;
+pub mod hooked;
 
 use std::collections::HashSet;
 use std::future::Future;
