@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod hooked;
+pub mod netns;
 
 use std::collections::HashSet;
 use std::future::Future;
