@@ -111,6 +111,8 @@ struct Seen {
     updates: i64,
     worker_pids: HashSet<u32>,
     longest_gap: Duration,
+    /// The longest a job took from its submission to its result.
+    slowest_job: Duration,
 }
 
 /// The pool owner: streams of 100 jobs (0–40 ms each) until told to stop, an update every 100
@@ -132,12 +134,14 @@ async fn owner(
             .collect();
         next += 100;
         let before = published.load(Ordering::Acquire);
+        let submitted = Instant::now();
         let mut stream = pool.imap_unordered(jobs);
         let mut got = [false; 100];
         while let Some(item) = stream.next().await {
             let (i, out) = item.map_err(|e| format!("a job failed: {e}"))?;
             let now = Instant::now();
             seen.longest_gap = seen.longest_gap.max(now - last);
+            seen.slowest_job = seen.slowest_job.max(now - submitted);
             last = now;
             if out.value != first + i as i64 {
                 return Err(format!("job {} returned {}", first + i as i64, out.value));
@@ -344,10 +348,11 @@ async fn a_pool_under_a_nemesis_delivers_every_result_once() -> TestResult {
             .collect::<Vec<_>>()
     );
     eprintln!(
-        "MEASURE soak: seed {seed}, {:.0} s, {faults} faults {counts:?}: {} results each once, {} updates in order on every worker, no failed job; longest wait between two results {:.2} s; node agent RSS at most {} KiB, pool server {} KiB; {} worker processes, none left",
+        "MEASURE soak: seed {seed}, {:.0} s, {faults} faults {counts:?}: {} results each once, {} updates in order on every worker, no failed job; slowest job {:.2} s from submission to result (a batch of 100 on 4 workers), longest wait between two results {:.2} s; node agent RSS at most {} KiB, pool server {} KiB; {} worker processes, none left",
         started.elapsed().as_secs_f64(),
         seen.results,
         seen.updates,
+        seen.slowest_job.as_secs_f64(),
         seen.longest_gap.as_secs_f64(),
         node_rss,
         server_rss,
