@@ -11,21 +11,21 @@
 //! the nodes are gone.
 //!
 //! `DC_SOAK_SECS` sets how long the nemesis strikes (45 s by default); `DC_SOAK_SEED` replays a
-//! run (the seed is printed first).
+//! run (each run prints its nemesis seed first).
 //!
 //! Custom harness: this executable is also the node binary (role `cli`) and the worker program.
 
 mod common;
 
 use std::collections::{BTreeMap, HashSet};
-use std::process::{ExitCode, Stdio};
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::cluster::{NodeProc, PASSWORD, free_port, rss_kib, start_worker_node};
 use common::netns::{Netns, NsNode};
-use common::{Probe, ProbeJob, TestResult, eventually, process_is_gone};
+use common::{Burners, Probe, ProbeJob, TestResult, eventually, process_is_gone};
 use distributed_computing::Pool;
 use futures::StreamExt;
 use nix::sys::signal::Signal;
@@ -67,32 +67,6 @@ impl Rng {
 
 fn signal(pid: u32, sig: Signal) {
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
-}
-
-/// Processes that keep every core busy until dropped.
-struct Burners(Vec<std::process::Child>);
-
-impl Burners {
-    fn start(n: usize) -> std::io::Result<Self> {
-        (0..n)
-            .map(|_| {
-                std::process::Command::new("sh")
-                    .args(["-c", "while :; do :; done"])
-                    .stdin(Stdio::null())
-                    .spawn()
-            })
-            .collect::<std::io::Result<_>>()
-            .map(Burners)
-    }
-}
-
-impl Drop for Burners {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
 }
 
 const FAULTS: [&str; 6] = [

@@ -24,7 +24,7 @@ use common::cluster::{
     redis_cli, rss_kib, start_head, start_head_with, start_worker_node, start_worker_node_with,
     status_json, wait_workers,
 };
-use common::{Probe, ProbeInit, ProbeJob, ProbeOut, eventually, process_is_gone};
+use common::{Burners, Probe, ProbeInit, ProbeJob, ProbeOut, eventually, process_is_gone};
 use distributed_computing::{BoxError, Broker, JobFailure, Pool, PoolError, Worker, WorkerContext};
 use futures::StreamExt;
 use futures::stream::BoxStream;
@@ -1427,32 +1427,6 @@ async fn node_killed_holding_batched_jobs_every_job_once() -> Result<(), Failed>
     check!(count == N, "{count} of {N} results");
     pool.close().await?;
     Ok(())
-}
-
-/// Busy loops that keep every core of this machine busy until dropped.
-struct Burners(Vec<std::process::Child>);
-
-impl Burners {
-    fn start(n: usize) -> std::io::Result<Self> {
-        (0..n)
-            .map(|_| {
-                std::process::Command::new("sh")
-                    .args(["-c", "while :; do :; done"])
-                    .stdin(Stdio::null())
-                    .spawn()
-            })
-            .collect::<std::io::Result<_>>()
-            .map(Burners)
-    }
-}
-
-impl Drop for Burners {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
 }
 
 /// Every core busy (three busy loops on this 2-core machine, as data loaders peg a GPU host's

@@ -395,3 +395,29 @@ pub async fn only_poison_jobs_fail(
     );
     Ok(())
 }
+
+/// Processes that keep every core busy (`while :; do :; done`) until dropped.
+pub struct Burners(Vec<std::process::Child>);
+
+impl Burners {
+    pub fn start(n: usize) -> std::io::Result<Self> {
+        (0..n)
+            .map(|_| {
+                std::process::Command::new("sh")
+                    .args(["-c", "while :; do :; done"])
+                    .stdin(std::process::Stdio::null())
+                    .spawn()
+            })
+            .collect::<std::io::Result<_>>()
+            .map(Burners)
+    }
+}
+
+impl Drop for Burners {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -6,7 +6,7 @@
 //! are not RESP at all. Each case calls one broker operation and gets an answer (a value or an
 //! error) within a bound: never a panic, never an abort on an allocation, never a hang.
 //!
-//! A seed corpus of replies (the shapes above with every hostile field value in turn) runs
+//! A corpus of replies (the shapes above with every hostile field value in turn) runs
 //! first on every operation; then `DC_FUZZ_CASES` generated cases (20,000 by default: about
 //! half a minute in a debug build).
 
@@ -421,7 +421,7 @@ fn seed_replies_on_every_operation() {
     let mut values = [0usize; OPERATIONS];
     for seed in &seeds {
         for (op, values) in values.iter_mut().enumerate() {
-            // The seed answers the operation's first command; its chunk reads get the field.
+            // The corpus reply answers the operation's first command; its chunk reads get the field.
             let replies = vec![
                 seed.clone(),
                 fields[ran % fields.len()].clone(),
