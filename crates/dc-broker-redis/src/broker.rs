@@ -320,7 +320,7 @@ impl RedisBroker {
     /// # }
     /// ```
     pub async fn connect(url: &str, options: RedisOptions) -> Result<Self, BrokerError> {
-        let conns = Conns::new(url, options.connect_timeout)?;
+        let conns = Conns::new(url, options.connect_timeout, options.response_timeout)?;
         let check = async {
             let mut conn = conns.control().await?;
             redis::cmd("PING")

@@ -9,8 +9,6 @@ use dc_core::BrokerError;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, ErrorKind, RedisError, ServerErrorKind};
 
-/// Response timeout of pooled connections (scripts and small commands).
-const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Response timeout of bulk connections (one chunk of up to 32 MiB per command).
 pub(crate) const BULK_TIMEOUT: Duration = Duration::from_secs(120);
 /// Added to a blocking read's wait for its response timeout.
@@ -32,6 +30,8 @@ pub(crate) struct Conns {
     blocking: Mutex<Vec<MultiplexedConnection>>,
     bulk: Mutex<Vec<MultiplexedConnection>>,
     connect_timeout: Duration,
+    /// Response timeout of the shared and named connections (scripts and small commands).
+    response_timeout: Duration,
     /// The URL with its password replaced, for messages.
     pub(crate) target: String,
 }
@@ -91,7 +91,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Conns {
     /// Set up the client (nothing is connected yet).
-    pub(crate) fn new(url: &str, connect_timeout: Duration) -> Result<Self, BrokerError> {
+    pub(crate) fn new(
+        url: &str,
+        connect_timeout: Duration,
+        response_timeout: Duration,
+    ) -> Result<Self, BrokerError> {
         use redis::IntoConnectionInfo;
         let target = dc_core::redact_url(url);
         let bad_url = |e: RedisError| {
@@ -109,6 +113,7 @@ impl Conns {
             blocking: Mutex::new(Vec::new()),
             bulk: Mutex::new(Vec::new()),
             connect_timeout,
+            response_timeout,
             target,
         })
     }
@@ -126,7 +131,7 @@ impl Conns {
         if let Some(conn) = lock(&self.shared).as_ref() {
             return Ok(conn.clone());
         }
-        let conn = self.connect(CONTROL_TIMEOUT).await?;
+        let conn = self.connect(self.response_timeout).await?;
         // Two tasks may have connected at once: keep the first, drop the other.
         Ok(lock(&self.shared).get_or_insert(conn).clone())
     }
@@ -154,7 +159,7 @@ impl Conns {
     /// A new connection of its own, named with `CLIENT SETNAME` so that the server (and
     /// `CLIENT LIST`) can tell whose it is; it closes when its holder's process dies.
     pub(crate) async fn named(&self, name: &str) -> Result<MultiplexedConnection, BrokerError> {
-        let mut conn = self.connect(CONTROL_TIMEOUT).await?;
+        let mut conn = self.connect(self.response_timeout).await?;
         redis::cmd("CLIENT")
             .arg("SETNAME")
             .arg(name)

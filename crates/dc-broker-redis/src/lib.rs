@@ -41,6 +41,12 @@ pub struct RedisOptions {
     pub chunk_size: usize,
     /// How long [`RedisBroker::connect`] (and each new connection) may take (default 5 s).
     pub connect_timeout: Duration,
+    /// How long a script or small command may wait for its whole answer (default 30 s). A
+    /// server that stalls, or sends part of an answer and then nothing, fails the command with
+    /// [`dc_core::BrokerError::Connection`] after this; the connection is dropped and the next
+    /// command makes a new one. A blocking read's bound is its wait plus 5 s, and a chunk of a big
+    /// payload's is 120 s.
+    pub response_timeout: Duration,
 }
 
 impl Default for RedisOptions {
@@ -49,6 +55,7 @@ impl Default for RedisOptions {
             prefix: "dc".into(),
             chunk_size: 16 << 20,
             connect_timeout: Duration::from_secs(5),
+            response_timeout: Duration::from_secs(30),
         }
     }
 }

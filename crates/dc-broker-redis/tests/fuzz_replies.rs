@@ -2,8 +2,8 @@
 //! command with generated replies: random RESP values, and values shaped like each script's
 //! reply (a take, a results batch, node statuses, counters, update entries) whose fields are
 //! hostile (huge or negative lengths and counts, non-numbers, empty strings, wrong types,
-//! chunk keys of this session, CBOR with absurd headers), nested arrays, errors, and bytes that
-//! are not RESP at all. Each case calls one broker operation and gets an answer (a value or an
+//! chunk keys of this session, CBOR with absurd headers), nested arrays, errors, bytes that
+//! are not RESP at all, and replies cut short. Each case calls one broker operation and gets an answer (a value or an
 //! error) within a bound: never a panic, never an abort on an allocation, never a hang.
 //!
 //! A corpus of replies (the shapes above with every hostile field value in turn) runs
@@ -23,8 +23,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The session every operation names; chunk keys under its base are fetched.
 const SESSION: &str = "s1-fuzz";
-/// The longest an operation may take against the fake server (every command is answered at
-/// once: only a decoder that loops or waits on what it read could take longer).
+/// How long the broker waits for a whole answer. A reply cut short (a header promising more
+/// than follows) leaves the broker waiting for the rest, as it would for a stalled server,
+/// until this runs out; then the connection is dropped and the next command makes a new one.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// The longest an operation may take against the fake server: every command is answered at
+/// once, so only a reply cut short (up to `RESPONSE_TIMEOUT` per command) or a decoder that
+/// loops or waits on what it read could take longer.
 const BOUND: Duration = Duration::from_secs(10);
 
 fn cases() -> u32 {
@@ -334,7 +339,10 @@ impl Rig {
             let port = fake_server(script.clone()).await;
             RedisBroker::connect(
                 &format!("redis://127.0.0.1:{port}"),
-                RedisOptions::default(),
+                RedisOptions {
+                    response_timeout: RESPONSE_TIMEOUT,
+                    ..RedisOptions::default()
+                },
             )
             .await
             .expect("connect to the fake server")
@@ -416,6 +424,16 @@ fn seed_replies_on_every_operation() {
         ]));
         seeds.push(array(vec![f.clone(); 6]));
         seeds.push(f.clone());
+    }
+    // Replies cut short: a header that promises more than follows, as from a server that
+    // stalls mid-answer. Each waits out the response timeout, once per operation.
+    for cut in [
+        b"*3\r\n".to_vec(),
+        b"*2\r\n:1\r\n".to_vec(),
+        b"$10\r\nabc".to_vec(),
+        b"*1\r\n*2\r\n$1\r\n".to_vec(),
+    ] {
+        seeds.push(cut);
     }
     let mut ran = 0;
     let mut values = [0usize; OPERATIONS];
