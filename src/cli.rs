@@ -45,6 +45,25 @@ enum Command {
     Devices(Devices),
     /// Measure the pool against the broker's own limits (workloads W1–W6, with baselines).
     Bench(Bench),
+    /// The head's join token.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Print the join token of the head whose state directory this is (it holds the secret).
+    Show(TokenShow),
+}
+
+#[derive(Debug, Args)]
+struct TokenShow {
+    /// The head's state directory.
+    #[arg(long, env = "DC_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Print a JSON object with the token's fields instead of the token.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -80,7 +99,25 @@ struct Connection {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     password_file: Option<PathBuf>,
-    /// Use an existing broker by URL instead of a head node (redis://…).
+    /// Join token (`dc1:…`) of the head (prefer --token-file or DC_TOKEN: flags show in `ps`).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    token: Option<String>,
+    /// Read the join token from this file (a copy of the head's `<state-dir>/join-token`).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    token_file: Option<PathBuf>,
+    /// Plain Redis instead of TLS: for a head, serve it (a trusted network only); for a node,
+    /// `status` or a pool, speak it to a head started with --no-tls.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    no_tls: bool,
+    /// CA certificate file (PEM) that a rediss:// broker's certificate must chain to (default:
+    /// the system's roots).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_ca: Option<PathBuf>,
+    /// Use an existing broker by URL instead of a head node (redis://…, rediss://…).
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     broker: Option<String>,
@@ -160,6 +197,10 @@ struct Config {
     port: u16,
     password: Option<String>,
     password_file: Option<PathBuf>,
+    token: Option<String>,
+    token_file: Option<PathBuf>,
+    no_tls: bool,
+    tls_ca: Option<PathBuf>,
     broker: Option<String>,
     head: bool,
     server_only: bool,
@@ -180,6 +221,10 @@ impl Default for Config {
             port: dc_core::DEFAULT_PORT,
             password: None,
             password_file: None,
+            token: None,
+            token_file: None,
+            no_tls: false,
+            tls_ca: None,
             broker: None,
             head: false,
             server_only: false,
@@ -200,6 +245,10 @@ const CONFIG_KEYS: &[&str] = &[
     "port",
     "password",
     "password_file",
+    "token",
+    "token_file",
+    "no_tls",
+    "tls_ca",
     "broker",
     "head",
     "server_only",
@@ -268,6 +317,10 @@ impl Config {
                 "port",
                 "password",
                 "password_file",
+                "token",
+                "token_file",
+                "no_tls",
+                "tls_ca",
                 "broker",
                 "cpu_workers",
                 "gpus",
@@ -283,16 +336,50 @@ impl Config {
         })
     }
 
-    fn password(&self) -> Result<String, String> {
+    /// The password, if one is given (flag, environment, config, or file).
+    fn password(&self) -> Result<Option<String>, String> {
         if let Some(p) = &self.password {
-            return Ok(p.clone());
+            return Ok(Some(p.clone()));
         }
         if let Some(file) = &self.password_file {
-            let text = std::fs::read_to_string(file)
-                .map_err(|e| format!("cannot read password file {}: {e}", file.display()))?;
-            return Ok(text.lines().next().unwrap_or_default().to_string());
+            return Ok(Some(read_secret_file(file, "password")?));
         }
-        Err("no password: pass -r PASSWORD, --password-file FILE or DC_PASSWORD".into())
+        Ok(None)
+    }
+
+    /// The join token, if one is given.
+    fn token(&self) -> Result<Option<String>, String> {
+        if let Some(t) = &self.token {
+            return Ok(Some(t.trim().to_string()));
+        }
+        if let Some(file) = &self.token_file {
+            return Ok(Some(read_secret_file(file, "join token")?));
+        }
+        Ok(None)
+    }
+
+    /// How a node or `status` reaches the pool server.
+    fn target(&self) -> Result<dc_core::NetworkTarget, String> {
+        let password = self.password()?;
+        let token = self.token()?;
+        if password.is_none() && token.is_none() && self.broker.is_none() {
+            return Err(
+                "no join token and no password: pass --token-file FILE (a copy of the head's join-token), DC_TOKEN, --password-file FILE or DC_PASSWORD".into(),
+            );
+        }
+        Ok(dc_core::NetworkTarget {
+            address: self.address.clone(),
+            // With a token, -a replaces the token's addresses; the default does not.
+            address_set: self.address != Config::default().address,
+            port: self.port,
+            password,
+            token,
+            tls: !self.no_tls,
+            tls_ca: self.tls_ca.clone(),
+            known_heads: None,
+            url: self.broker.clone(),
+            connect_timeout: Duration::from_secs(5),
+        })
     }
 
     fn state_dir(&self) -> Result<PathBuf, String> {
@@ -301,12 +388,62 @@ impl Config {
             None => default_state_dir().map_err(|e| e.to_string()),
         }
     }
+}
 
-    fn broker_url(&self, password: &str) -> String {
-        self.broker
-            .clone()
-            .unwrap_or_else(|| dc_broker_redis::redis_url(&self.address, self.port, Some(password)))
+/// The first line of a password or token file (at most 64 KiB read), with a warning when
+/// group or others may read it.
+fn read_secret_file(file: &std::path::Path, what: &str) -> Result<String, String> {
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    let opened = std::fs::File::open(file)
+        .map_err(|e| format!("cannot read {what} file {}: {e}", file.display()))?;
+    if let Ok(meta) = opened.metadata()
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(
+            file = %file.display(),
+            mode = format!("{:o}", meta.permissions().mode() & 0o777),
+            "the {what} file can be read by other users of this machine: chmod 600 it"
+        );
     }
+    let mut text = String::new();
+    opened
+        .take(64 << 10)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("cannot read {what} file {}: {e}", file.display()))?;
+    Ok(text.lines().next().unwrap_or_default().trim().to_string())
+}
+
+/// A warning for a password short enough to guess: how long guessing would take at the rate
+/// one connection can try passwords against a Redis server.
+fn weak_password_warning(password: &str) {
+    const GUESSES_PER_SECOND: f64 = 70_000.0;
+    let n = password.chars().count();
+    if n >= 16 {
+        return;
+    }
+    let alphabet = if password.chars().all(|c| c.is_ascii_digit()) {
+        10.0
+    } else if password.chars().all(|c| c.is_ascii_lowercase()) {
+        26.0
+    } else {
+        94.0
+    };
+    let seconds = f64::powi(alphabet, n as i32) / GUESSES_PER_SECOND;
+    let shown = if seconds < 120.0 {
+        format!("{seconds:.0} seconds")
+    } else if seconds < 2.0 * 3600.0 {
+        format!("{:.0} minutes", seconds / 60.0)
+    } else if seconds < 2.0 * 86400.0 {
+        format!("{:.0} hours", seconds / 3600.0)
+    } else if seconds < 2.0 * 365.0 * 86400.0 {
+        format!("{:.0} days", seconds / 86400.0)
+    } else {
+        format!("{:.0} years", seconds / (365.0 * 86400.0))
+    };
+    tracing::warn!(
+        "the pool password has {n} characters: one connection guessing {GUESSES_PER_SECOND:.0} passwords a second tries them all within {shown}; use 16 or more, or start the head without a password and join with its token"
+    );
 }
 
 /// Run the whole CLI for a node binary whose workers are in `registry`: `start-node`,
@@ -371,6 +508,7 @@ pub fn main_with_args(args: Vec<std::ffi::OsString>) -> ExitCode {
             Command::Stop(cmd) => run_stop(cmd).await,
             Command::Devices(cmd) => run_devices(cmd),
             Command::Bench(cmd) => crate::bench::run(&cmd.broker, cmd.quick, cmd.json).await,
+            Command::Token(TokenCommand::Show(cmd)) => run_token_show(cmd),
         }
     });
     match result {
@@ -394,7 +532,6 @@ fn init_tracing(default: &str) {
 
 async fn run_start_node(cmd: StartNode, program: &str) -> Result<ExitCode, String> {
     let config = Config::load(&cmd, cmd.connection.config.as_ref())?;
-    let password = config.password()?;
     let gpus: dc_gpu::GpuSelection = config.gpus.parse().map_err(|e| format!("--gpus: {e}"))?;
     let state_dir = config.state_dir()?;
     // Every entry is checked before it reaches redis.conf (ServerOptions); a blank one too.
@@ -402,17 +539,12 @@ async fn run_start_node(cmd: StartNode, program: &str) -> Result<ExitCode, Strin
     // Installed before anything waits, so a stop while the node waits for its server is prompt.
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
-    let mut node = NodeOptions::new(password.clone())
-        .address(config.address.clone())
-        .port(config.port)
+    let mut node = NodeOptions::new("")
         .gpus(gpus)
         .workers_per_gpu(config.workers_per_gpu)
         .cpu_workers(config.cpu_workers)
         .state_dir(state_dir.clone())
         .heartbeat(Duration::from_millis(config.heartbeat_ms));
-    if let Some(url) = &config.broker {
-        node = node.broker(url.clone());
-    }
     for (kind, argv) in &config.external_workers {
         let Some((program, args)) = argv.split_first() else {
             return Err(format!("external_workers.{kind}: empty command"));
@@ -426,11 +558,31 @@ async fn run_start_node(cmd: StartNode, program: &str) -> Result<ExitCode, Strin
         );
     }
 
-    if config.server_only {
-        let options = ServerOptions::new(password.clone())
+    if config.server_only || config.head {
+        if config.token.is_some() || config.token_file.is_some() {
+            return Err("a head makes its own join token: pass no --token to --head or --server-only (see `dc-cli token show`)".into());
+        }
+    }
+    let password = config.password()?;
+    if let Some(p) = &password
+        && (config.server_only || config.head)
+    {
+        weak_password_warning(p);
+    }
+    let server_options = || {
+        let options = ServerOptions::new(password.clone().unwrap_or_default())
             .port(config.port)
-            .bind(bind)
-            .state_dir(state_dir);
+            .bind(bind.clone())
+            .state_dir(state_dir.clone());
+        if config.no_tls {
+            options.no_tls()
+        } else {
+            options
+        }
+    };
+
+    if config.server_only {
+        let options = server_options();
         let mut server = start_server(options).await.map_err(|e| e.to_string())?;
         if !server.started_here() {
             println!(
@@ -439,7 +591,7 @@ async fn run_start_node(cmd: StartNode, program: &str) -> Result<ExitCode, Strin
             );
             return Ok(ExitCode::SUCCESS);
         }
-        print_worker_command(program, config.port, &password);
+        print_worker_command(program, server.join_token(), &state_dir, password.is_some());
         tokio::select! {
             r = server.wait() => r.map_err(|e| e.to_string())?,
             _ = &mut shutdown => server.terminate().await.map_err(|e| e.to_string())?,
@@ -448,10 +600,11 @@ async fn run_start_node(cmd: StartNode, program: &str) -> Result<ExitCode, Strin
     }
 
     if config.head {
-        let mut options = HeadOptions::new(password.clone())
+        let mut options = HeadOptions::new(password.clone().unwrap_or_default())
             .port(config.port)
-            .bind(bind)
-            .state_dir(state_dir);
+            .bind(bind.clone())
+            .state_dir(state_dir.clone());
+        options.server = server_options();
         options = options.node(|_| node);
         let started = tokio::select! {
             started = start_head_node(options) => started,
@@ -462,7 +615,12 @@ async fn run_start_node(cmd: StartNode, program: &str) -> Result<ExitCode, Strin
             Err(NodeError::AlreadyRunning { pid, dir }) => return Ok(already_running(&pid, &dir)),
             Err(e) => return Err(e.to_string()),
         };
-        print_worker_command(program, config.port, &password);
+        print_worker_command(
+            program,
+            head.server().join_token(),
+            &state_dir,
+            password.is_some(),
+        );
         tokio::select! {
             r = head.wait() => r.map_err(|e| e.to_string())?,
             _ = &mut shutdown => head.terminate().await.map_err(|e| e.to_string())?,
@@ -471,6 +629,7 @@ async fn run_start_node(cmd: StartNode, program: &str) -> Result<ExitCode, Strin
     }
 
     // Waits for the pool server while it is not up (start order does not matter).
+    node.target = config.target()?;
     let started = tokio::select! {
         started = start_node(node) => started,
         _ = &mut shutdown => return Ok(ExitCode::SUCCESS),
@@ -506,32 +665,60 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     }
 }
 
-fn print_worker_command(program: &str, port: u16, password: &str) {
-    let address = reachable_address();
+/// The banner: how to start a worker node. It names the token file (and, once, shows the
+/// token), never the password.
+fn print_worker_command(
+    program: &str,
+    token: &dc_broker_redis::token::JoinToken,
+    state_dir: &std::path::Path,
+    with_password: bool,
+) {
+    let address = token
+        .addresses
+        .first()
+        .cloned()
+        .unwrap_or_else(crate::node::reachable_address);
+    let port = token.port;
+    let file = state_dir.join(crate::node::JOIN_TOKEN_FILE);
     let line = "*".repeat(90);
     println!("{line}");
-    println!("To start a worker node, type:");
-    println!("{program} start-node -p {port} -a {address} -r {password}");
+    println!(
+        "To start a worker node, copy {} to the worker machine (keep it private), then type:",
+        file.display()
+    );
+    println!("{program} start-node -p {port} -a {address} --token-file join-token");
+    if with_password {
+        println!("or, with the pool password in DC_PASSWORD or a file:");
+        println!("{program} start-node -p {port} -a {address} --password-file FILE");
+    } else {
+        println!(
+            "or pass the token itself in DC_TOKEN (shown once; `{program} token show` prints it again):"
+        );
+        println!("DC_TOKEN={token}");
+    }
     println!("{line}");
 }
 
-/// An address of this machine that other machines can likely reach: the first non-loopback
-/// IPv4 address of an interface that is up, else the host name.
-fn reachable_address() -> String {
-    use nix::net::if_::InterfaceFlags;
-    if let Ok(addrs) = nix::ifaddrs::getifaddrs() {
-        for ifa in addrs {
-            let up = ifa.flags.contains(InterfaceFlags::IFF_UP)
-                && !ifa.flags.contains(InterfaceFlags::IFF_LOOPBACK);
-            if !up {
-                continue;
-            }
-            if let Some(ip) = ifa.address.as_ref().and_then(|a| a.as_sockaddr_in()) {
-                return ip.ip().to_string();
-            }
-        }
+fn run_token_show(cmd: TokenShow) -> Result<ExitCode, String> {
+    let dir = match cmd.state_dir {
+        Some(dir) => dir,
+        None => default_state_dir().map_err(|e| e.to_string())?,
+    };
+    let token = crate::node::read_join_token(&dir)
+        .map_err(|e| format!("{e} (is {} the state directory of a head?)", dir.display()))?;
+    if cmd.json {
+        let json = serde_json::json!({
+            "address": token.addresses.first().cloned().unwrap_or_default(),
+            "port": token.port,
+            "user": token.user,
+            "secret": token.secret,
+            "ca_sha256": token.ca_sha256.map(|h| dc_broker_redis::tls::hex(&h)),
+        });
+        println!("{json}");
+    } else {
+        println!("{token}");
     }
-    dc_core::agent::host_name()
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Debug, Serialize)]
@@ -570,9 +757,8 @@ struct PoolReport {
 
 async fn run_status(cmd: Status) -> Result<ExitCode, String> {
     let config = Config::load(&cmd.connection, cmd.connection.config.as_ref())?;
-    let password = config.password()?;
-    let url = config.broker_url(&password);
-    let broker = crate::backends::broker_from_url(&url, Duration::from_secs(5))
+    let target = config.target()?;
+    let broker = crate::backends::connect_target(&target)
         .await
         .map_err(|e| e.to_string())?;
     let seen = broker
@@ -627,7 +813,10 @@ async fn run_status(cmd: Status) -> Result<ExitCode, String> {
         None => None,
     };
     let report = StatusReport {
-        server: dc_core::redact_url(&url),
+        server: match &target.url {
+            Some(url) => dc_core::redact_url(url),
+            None => format!("{}:{}", target.address, target.port),
+        },
         nodes,
         pool,
     };

@@ -14,17 +14,18 @@ mod bench;
 mod cli;
 mod node;
 
-pub use backends::{Backends, broker_from_url};
+pub use backends::{Backends, broker_from_url, connect_target};
 pub use cli::{main_with, main_with_args};
 pub use node::{
-    HeadHandle, HeadOptions, NodeError, NodeHandle, NodeOptions, NodeProcess, ServerError,
-    ServerHandle, ServerOptions, default_state_dir, is_node_running, is_node_running_in,
-    is_server_running, node_pid, node_pid_checked, start_head_node, start_node, start_redis,
-    start_server,
+    HeadHandle, HeadOptions, JOIN_TOKEN_FILE, NodeError, NodeHandle, NodeOptions, NodeProcess,
+    ServerError, ServerHandle, ServerOptions, default_state_dir, is_node_running,
+    is_node_running_in, is_server_running, node_pid, node_pid_checked, read_join_token,
+    start_head_node, start_node, start_redis, start_server,
 };
 
 pub use dc_broker_redis::server::RedisProcess;
-pub use dc_broker_redis::{RedisBroker, RedisOptions};
+pub use dc_broker_redis::token::JoinToken;
+pub use dc_broker_redis::{RedisBroker, RedisOptions, TlsTrust, redis_url_as};
 pub use dc_core::agent;
 pub use dc_core::broker;
 pub use dc_core::protocol;

@@ -12,9 +12,10 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use dc_broker_redis::server::{RedisProcess, RedisServerOptions, start_redis_server};
+use dc_broker_redis::token::{JoinToken, NODE_USER};
 use dc_core::agent::{AgentConfig, AgentHandle, SlotSpec, WorkerCommand, host_name, spawn_agent};
 use dc_core::broker::NodeId;
-use dc_core::{Broker, DEFAULT_PORT, PoolError, Registry};
+use dc_core::{Broker, DEFAULT_PORT, NetworkTarget, PoolError, Registry};
 use dc_gpu::GpuSelection;
 
 pub use dc_broker_redis::server::ServerError;
@@ -87,10 +88,8 @@ pub fn default_state_dir() -> Result<PathBuf, NodeError> {
 /// How to start a worker node.
 #[derive(Clone)]
 pub struct NodeOptions {
-    pub(crate) password: String,
-    pub(crate) address: String,
-    pub(crate) port: u16,
-    pub(crate) broker: Option<String>,
+    /// Where the pool server is and how to log in and trust it.
+    pub(crate) target: NetworkTarget,
     pub(crate) gpus: GpuSelection,
     pub(crate) workers_per_gpu: usize,
     pub(crate) cpu_workers: usize,
@@ -99,14 +98,12 @@ pub struct NodeOptions {
     pub(crate) external: BTreeMap<String, WorkerCommand>,
     pub(crate) state_dir: Option<PathBuf>,
     pub(crate) heartbeat: Duration,
-    pub(crate) connect_timeout: Duration,
 }
 
 impl std::fmt::Debug for NodeOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NodeOptions")
-            .field("address", &self.address)
-            .field("port", &self.port)
+            .field("target", &self.target)
             .field("gpus", &self.gpus)
             .field("workers_per_gpu", &self.workers_per_gpu)
             .field("cpu_workers", &self.cpu_workers)
@@ -116,13 +113,23 @@ impl std::fmt::Debug for NodeOptions {
 }
 
 impl NodeOptions {
-    /// A node joining the pool server at `localhost:8899` with this password.
+    /// A node joining the pool server at `localhost:8899` with this password (empty: none;
+    /// give a [`Self::token`] then).
     pub fn new(password: impl Into<String>) -> Self {
+        let password: String = password.into();
         NodeOptions {
-            password: password.into(),
-            address: "localhost".into(),
-            port: DEFAULT_PORT,
-            broker: None,
+            target: NetworkTarget {
+                address: "localhost".into(),
+                address_set: false,
+                port: DEFAULT_PORT,
+                password: (!password.is_empty()).then_some(password),
+                token: None,
+                tls: true,
+                tls_ca: None,
+                known_heads: None,
+                url: None,
+                connect_timeout: Duration::from_secs(5),
+            },
             gpus: GpuSelection::Auto,
             workers_per_gpu: 1,
             cpu_workers: 0,
@@ -131,25 +138,52 @@ impl NodeOptions {
             external: BTreeMap::new(),
             state_dir: None,
             heartbeat: Duration::from_secs(1),
-            connect_timeout: Duration::from_secs(5),
         }
     }
 
-    /// The pool server's address (the head node).
+    /// The pool server's address (the head node); with a join token, it replaces the token's
+    /// addresses.
     pub fn address(mut self, address: impl Into<String>) -> Self {
-        self.address = address.into();
+        self.target.address = address.into();
+        self.target.address_set = true;
         self
     }
 
-    /// The pool server's port (default 8899).
+    /// The pool server's port (default 8899; a join token names its own).
     pub fn port(mut self, port: u16) -> Self {
-        self.port = port;
+        self.target.port = port;
         self
     }
 
-    /// An existing broker by URL instead of a head node (`redis://…`).
+    /// An existing broker by URL instead of a head node (`redis://…`, `rediss://…`).
     pub fn broker(mut self, url: impl Into<String>) -> Self {
-        self.broker = Some(url.into());
+        self.target.url = Some(url.into());
+        self
+    }
+
+    /// Join with a token (`dc1:…`, as the head writes it to `<state-dir>/join-token`): the
+    /// head's addresses, port, user, secret and CA hash.
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.target.token = Some(token.into().trim().to_string());
+        self
+    }
+
+    /// Speak plain Redis to a head started with `--no-tls`.
+    pub fn no_tls(mut self) -> Self {
+        self.target.tls = false;
+        self
+    }
+
+    /// The CA file a `rediss://` broker's certificate must chain to.
+    pub fn tls_ca(mut self, path: impl Into<PathBuf>) -> Self {
+        self.target.tls_ca = Some(path.into());
+        self
+    }
+
+    /// The known-heads file that pins a head reached with a password (default:
+    /// `DC_KNOWN_HEADS`, else the user's config directory).
+    pub fn known_heads(mut self, path: impl Into<PathBuf>) -> Self {
+        self.target.known_heads = Some(path.into());
         self
     }
 
@@ -203,10 +237,22 @@ impl NodeOptions {
         self
     }
 
-    fn broker_url(&self) -> String {
-        self.broker.clone().unwrap_or_else(|| {
-            dc_broker_redis::redis_url(&self.address, self.port, Some(&self.password))
-        })
+    /// The server, for logs (no secret).
+    fn shown_server(&self) -> String {
+        match &self.target.url {
+            Some(url) => dc_core::redact_url(url),
+            None => match self.target.token.as_deref().map(JoinToken::parse) {
+                Some(Ok(token)) => {
+                    let address = if self.target.address_set {
+                        self.target.address.clone()
+                    } else {
+                        token.addresses.join(",")
+                    };
+                    format!("{address}:{} (join token)", token.port)
+                }
+                _ => format!("{}:{}", self.target.address, self.target.port),
+            },
+        }
     }
 }
 
@@ -506,15 +552,15 @@ pub async fn start_node(options: NodeOptions) -> Result<NodeHandle, NodeError> {
             "external worker kind {kind:?} is a kind this node binary registers: an external program cannot replace it (give the external kind another name)"
         )));
     }
-    let url = options.broker_url();
-    let broker = wait_for_server(&url, options.connect_timeout).await?;
+    let server = options.shown_server();
+    let broker = wait_for_server(&options.target, &server).await?;
     let slots = node_slots(&options);
     let node_id = NodeId(format!("{}-{}", host_name(), std::process::id()));
     let mut config = AgentConfig::new(node_id.clone(), command, kinds, slots);
     config.external = options.external.clone();
     config.heartbeat = options.heartbeat;
     let slots = config.slots.len();
-    tracing::info!(node = %node_id, server = %dc_core::redact_url(&url), slots, state_dir = %dir.display(), "node starting");
+    tracing::info!(node = %node_id, %server, slots, state_dir = %dir.display(), "node starting");
     let agent = spawn_agent(broker, config);
     Ok(NodeHandle {
         agent,
@@ -527,16 +573,19 @@ pub async fn start_node(options: NodeOptions) -> Result<NodeHandle, NodeError> {
 /// How often a node waiting for its server says so.
 const WAITING_LOG_PERIOD: Duration = Duration::from_secs(10);
 
-/// Connect to the broker at `url`, retrying while nothing answers there; a refused password,
-/// a service that is not a pool server, or a bad URL fail at once.
-async fn wait_for_server(url: &str, timeout: Duration) -> Result<Arc<dyn Broker>, NodeError> {
-    let server = dc_core::redact_url(url);
+/// Connect to the pool server `target` names, retrying while nothing answers there; a refused
+/// password or certificate, a service that is not a pool server, or a bad URL or token fail at
+/// once.
+async fn wait_for_server(
+    target: &NetworkTarget,
+    server: &str,
+) -> Result<Arc<dyn Broker>, NodeError> {
     let started = Instant::now();
     let mut backoff =
         dc_core::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(3));
     let mut last_log: Option<Instant> = None;
     loop {
-        match crate::backends::broker_from_url(url, timeout).await {
+        match crate::backends::connect_target(target).await {
             Ok(broker) => {
                 if last_log.is_some() {
                     tracing::info!(%server, waited_ms = started.elapsed().as_millis(), "pool server reached");
@@ -585,6 +634,8 @@ pub struct ServerOptions {
     pub(crate) port: u16,
     pub(crate) bind: Vec<String>,
     pub(crate) state_dir: Option<PathBuf>,
+    pub(crate) tls: bool,
+    pub(crate) advertise: Option<Vec<String>>,
 }
 
 impl std::fmt::Debug for ServerOptions {
@@ -593,19 +644,61 @@ impl std::fmt::Debug for ServerOptions {
             .field("port", &self.port)
             .field("bind", &self.bind)
             .field("state_dir", &self.state_dir)
+            .field("tls", &self.tls)
             .finish_non_exhaustive()
     }
 }
 
+/// The file in a head's state directory that holds its join token (0600).
+pub const JOIN_TOKEN_FILE: &str = "join-token";
+
+/// The join token a head wrote to `state_dir`, read and checked.
+///
+/// # Errors
+/// When the file cannot be read or holds no valid token.
+pub fn read_join_token(state_dir: &Path) -> Result<JoinToken, NodeError> {
+    let path = state_dir.join(JOIN_TOKEN_FILE);
+    let file = open_regular(&path).map_err(|source| NodeError::StateDir {
+        dir: path.clone(),
+        source,
+    })?;
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut std::io::Read::take(file, 8192), &mut text).map_err(
+        |source| NodeError::StateDir {
+            dir: path.clone(),
+            source,
+        },
+    )?;
+    JoinToken::parse(&text).map_err(|e| NodeError::Config(format!("{}: {e}", path.display())))
+}
+
 impl ServerOptions {
-    /// A server on port 8899, on every interface, with this password.
+    /// A server on port 8899, on every interface, with this password. An empty password: the
+    /// head makes a 256-bit secret (kept across restarts in its join token) and nodes join with
+    /// the token it writes to `<state-dir>/join-token`.
     pub fn new(password: impl Into<String>) -> Self {
         ServerOptions {
             password: password.into(),
             port: DEFAULT_PORT,
             bind: vec!["*".into(), "-::*".into()],
             state_dir: None,
+            tls: true,
+            advertise: None,
         }
+    }
+
+    /// Serve plain Redis instead of TLS (a trusted network only: secrets and payloads cross it
+    /// in clear).
+    pub fn no_tls(mut self) -> Self {
+        self.tls = false;
+        self
+    }
+
+    /// The addresses the join token names (default: the `bind` addresses when they are
+    /// specific, else this machine's first non-loopback IPv4 address).
+    pub fn advertise(mut self, addresses: Vec<String>) -> Self {
+        self.advertise = Some(addresses);
+        self
     }
 
     /// The pool port (default 8899).
@@ -626,9 +719,7 @@ impl ServerOptions {
         self
     }
 
-    fn redis_options(&self) -> Result<RedisServerOptions, NodeError> {
-        check_password(&self.password)?;
-        dc_broker_redis::server::check_bind(&self.bind)?;
+    fn prepared_state_dir(&self) -> Result<PathBuf, NodeError> {
         let state_dir = match &self.state_dir {
             Some(dir) => dir.clone(),
             None => default_state_dir()?,
@@ -637,19 +728,74 @@ impl ServerOptions {
             dir: state_dir.clone(),
             source,
         })?;
+        Ok(state_dir)
+    }
+
+    /// The redis-server's options; without a password, the secret of the join token already
+    /// in the state directory for this port, else a new one.
+    fn redis_options(&self) -> Result<RedisServerOptions, NodeError> {
+        check_password(&self.password)?;
+        dc_broker_redis::server::check_bind(&self.bind)?;
+        let state_dir = self.prepared_state_dir()?;
+        let secret = if self.password.is_empty() {
+            match read_join_token(&state_dir) {
+                Ok(token) if token.port == self.port && token.user == NODE_USER => token.secret,
+                _ => dc_broker_redis::server::random_secret().map_err(|source| {
+                    NodeError::StateDir {
+                        dir: state_dir.clone(),
+                        source,
+                    }
+                })?,
+            }
+        } else {
+            self.password.clone()
+        };
         let dir = state_dir.join(format!("redis-{}", self.port));
-        let mut options = RedisServerOptions::new(self.password.clone(), self.port, dir);
+        let mut options = RedisServerOptions::new(secret, self.port, dir);
         options.bind = self.bind.clone();
+        options.tls = self.tls;
         Ok(options)
+    }
+
+    /// The addresses a join token names.
+    fn token_addresses(&self) -> Vec<String> {
+        if let Some(given) = &self.advertise {
+            return given.clone();
+        }
+        let specific: Vec<String> = self
+            .bind
+            .iter()
+            .map(|b| b.trim_start_matches('-').to_string())
+            .filter(|b| !matches!(b.as_str(), "*" | "::*" | "0.0.0.0" | "::"))
+            .collect();
+        if specific.is_empty() {
+            vec![reachable_address()]
+        } else {
+            specific
+        }
     }
 }
 
-fn check_password(password: &str) -> Result<(), NodeError> {
-    if password.is_empty() {
-        return Err(NodeError::Config(
-            "a pool needs a password: pass --password (-r), --password-file or DC_PASSWORD".into(),
-        ));
+/// An address of this machine that other machines can likely reach: the first non-loopback
+/// IPv4 address of an interface that is up, else the host name.
+pub(crate) fn reachable_address() -> String {
+    use nix::net::if_::InterfaceFlags;
+    if let Ok(addrs) = nix::ifaddrs::getifaddrs() {
+        for ifa in addrs {
+            let up = ifa.flags.contains(InterfaceFlags::IFF_UP)
+                && !ifa.flags.contains(InterfaceFlags::IFF_LOOPBACK);
+            if !up {
+                continue;
+            }
+            if let Some(ip) = ifa.address.as_ref().and_then(|a| a.as_sockaddr_in()) {
+                return ip.ip().to_string();
+            }
+        }
     }
+    host_name()
+}
+
+fn check_password(password: &str) -> Result<(), NodeError> {
     if password.chars().any(|c| c.is_control()) {
         return Err(NodeError::Config(
             "the password must not contain control characters (newlines…)".into(),
@@ -664,6 +810,7 @@ fn check_password(password: &str) -> Result<(), NodeError> {
 #[derive(Debug)]
 pub struct ServerHandle {
     port: u16,
+    token: JoinToken,
     stop: Option<watch::Sender<bool>>,
     task: Option<JoinHandle<Result<(), NodeError>>>,
 }
@@ -672,6 +819,11 @@ impl ServerHandle {
     /// The pool port.
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The join token for this server (also in `<state-dir>/join-token`).
+    pub fn join_token(&self) -> &JoinToken {
+        &self.token
     }
 
     /// Whether this handle started the server (false: one was already running).
@@ -786,6 +938,36 @@ pub async fn start_redis(password: &str, port: u16) -> Result<Option<RedisProces
 /// As [`start_redis`].
 pub async fn start_server(options: ServerOptions) -> Result<ServerHandle, NodeError> {
     let redis_options = options.redis_options()?;
+    let state_dir = options.prepared_state_dir()?;
+    let ca_sha256 = match redis_options.client_tls() {
+        Ok(Some(dc_broker_redis::TlsTrust::PinnedCa(hash))) => Some(hash),
+        Ok(_) => None,
+        Err(source) => {
+            return Err(NodeError::StateDir {
+                dir: redis_options.dir.clone(),
+                source,
+            });
+        }
+    };
+    let token = JoinToken {
+        addresses: options.token_addresses(),
+        port: options.port,
+        user: NODE_USER.into(),
+        secret: redis_options.password.clone(),
+        ca_sha256,
+    };
+    write_private_file(&state_dir, JOIN_TOKEN_FILE, format!("{token}\n").as_bytes()).map_err(
+        |source| NodeError::StateDir {
+            dir: state_dir.join(JOIN_TOKEN_FILE),
+            source,
+        },
+    )?;
+    if !options.tls && options.bind.iter().any(|b| !is_loopback_bind(b)) {
+        tracing::warn!(
+            port = options.port,
+            "TLS is off and the pool server listens beyond this machine: the secret and every payload cross the network in clear"
+        );
+    }
     let (stop, task) = match start_redis_server(&redis_options).await? {
         Some(redis) => {
             let (stop, stop_rx) = watch::channel(false);
@@ -796,9 +978,19 @@ pub async fn start_server(options: ServerOptions) -> Result<ServerHandle, NodeEr
     };
     Ok(ServerHandle {
         port: options.port,
+        token,
         stop,
         task,
     })
+}
+
+/// Whether a bind entry is on this machine only.
+fn is_loopback_bind(entry: &str) -> bool {
+    let entry = entry.trim_start_matches('-');
+    entry == "localhost"
+        || entry
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// How to start a head node: a pool server plus a worker node on this machine.
@@ -904,8 +1096,14 @@ pub async fn start_head_node(options: HeadOptions) -> Result<HeadHandle, NodeErr
     }
     let local = options.server.redis_options()?.local_address();
     let mut server = start_server(options.server.clone()).await?;
-    // The local node reaches the server where it listens (loopback unless bound elsewhere).
-    match start_node(options.node.clone().address(local)).await {
+    // The local node reaches the server where it listens (loopback unless bound elsewhere),
+    // with the server's own token (its CA pinned).
+    let node = options
+        .node
+        .clone()
+        .token(server.join_token().to_string())
+        .address(local);
+    match start_node(node).await {
         Ok(node) => Ok(HeadHandle { server, node }),
         Err(e) => {
             let _ = server.terminate().await;

@@ -217,6 +217,7 @@ async fn a_pool_under_a_nemesis_delivers_every_result_once() -> TestResult {
             .address("127.0.0.1")
             .port(port)
             .password(PASSWORD)
+            .known_heads(common::cluster::known_heads())
             .lease(Duration::from_secs(2))
             .max_attempts(10)
             .connect()

@@ -13,12 +13,12 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use common::cluster::{
-    NodeProc, PASSWORD, RedisServerProc, TempDir, free_port, run_cli, start_worker_node,
+    NodeProc, PASSWORD, PoolServer, TempDir, free_port, run_cli, start_worker_node,
     status_json,
 };
 use common::{Probe, ProbeInit, TestResult, eventually};
 use distributed_computing::broker::{NodeId, NodeStatus, WorkerId, WorkerState, WorkerStatus};
-use distributed_computing::{Broker, Pool, PoolError, RedisBroker, RedisOptions};
+use distributed_computing::{Broker, Pool, PoolError};
 
 fn main() -> ExitCode {
     common::registry().serve_if_worker();
@@ -32,7 +32,7 @@ fn main() -> ExitCode {
         a_wrong_password_fails_at_once_instead_of_waiting,
         a_service_that_is_not_redis_is_named_as_such_at_once,
         the_connect_timeout_is_the_documented_5s,
-        rediss_is_refused_without_suggesting_rediss,
+        rediss_checks_the_certificate_and_keeps_the_secret,
         unknown_config_keys_and_directories_are_refused_and_the_loaded_file_is_logged,
         external_workers_cannot_replace_a_registered_kind,
         a_bind_address_that_is_not_an_address_is_refused,
@@ -98,7 +98,7 @@ async fn a_node_started_before_its_server_waits_logs_every_10s_and_joins() -> Te
     );
     check!(!node.has_exited(), "the node exited:\n{}", node.output());
 
-    let _server = RedisServerProc::start(port, PASSWORD).await?;
+    let _server = PoolServer::start(port).await?;
     let up = Instant::now();
     let joined = eventually(Duration::from_secs(30), || async {
         status_json(port)
@@ -112,6 +112,7 @@ async fn a_node_started_before_its_server_waits_logs_every_10s_and_joins() -> Te
         .address("127.0.0.1")
         .port(port)
         .password(PASSWORD)
+        .known_heads(common::cluster::known_heads())
         .connect()
         .await?;
     let out = pool.map((0..3).map(common::ProbeJob::Echo)).await?;
@@ -171,7 +172,7 @@ async fn a_waiting_node_stops_promptly_on_sigterm_and_on_dc_cli_stop() -> TestRe
 
 async fn a_wrong_password_fails_at_once_instead_of_waiting() -> TestResult {
     let port = free_port()?;
-    let _server = RedisServerProc::start(port, PASSWORD).await?;
+    let _server = PoolServer::start(port).await?;
     let started = Instant::now();
     let mut node = NodeProc::start(&strs(&worker_args(port, 0, "not-the-password")), &[]).await?;
     let status = node.exit_within(Duration::from_secs(15)).await;
@@ -261,6 +262,7 @@ async fn the_connect_timeout_is_the_documented_5s() -> TestResult {
         .address("127.0.0.1")
         .port(port)
         .password(PASSWORD)
+        .known_heads(common::cluster::known_heads())
         .connect()
         .await;
     let took = started.elapsed();
@@ -278,24 +280,31 @@ async fn the_connect_timeout_is_the_documented_5s() -> TestResult {
     Ok(())
 }
 
-async fn rediss_is_refused_without_suggesting_rediss() -> TestResult {
-    let (status, _, err) = run_cli(
-        &[
-            "status",
-            "--broker",
-            "rediss://:secret@127.0.0.1:6380",
-            "-r",
-            "x",
-        ],
+async fn rediss_checks_the_certificate_and_keeps_the_secret() -> TestResult {
+    let port = free_port()?;
+    let server = PoolServer::start(port).await?;
+    let p = port.to_string();
+    // The head's own CA is no public root: the system's roots refuse it, at once.
+    let url = format!("rediss://dc-node:{PASSWORD}@localhost:{p}");
+    let (status, _, err) = run_cli(&["status", "--broker", &url], &[], &[], None).await?;
+    check!(!status.success(), "status trusted a private CA: {err}");
+    check!(err.contains("certificate"), "{err}");
+    check!(!err.contains(PASSWORD), "the password leaked: {err}");
+    // With that CA named (--tls-ca), the certificate checks out for the name `localhost`.
+    let ca = server
+        .dir()
+        .join(format!("redis-{port}"))
+        .join("tls-ca.crt");
+    let ca = ca.to_string_lossy();
+    let (status, out, err) = run_cli(
+        &["status", "--broker", &url, "--tls-ca", &ca, "--json"],
         &[],
         &[],
         None,
     )
     .await?;
-    check!(!status.success(), "status succeeded");
-    check!(err.contains("use redis://"), "{err}");
-    check!(!err.contains("use redis://, rediss://"), "{err}");
-    check!(!err.contains("secret"), "the password leaked: {err}");
+    check!(status.success(), "status over rediss:// with --tls-ca failed: {err}");
+    check!(out.contains("\"nodes\""), "{out}");
     Ok(())
 }
 
@@ -458,7 +467,7 @@ fn mode(path: &Path) -> std::io::Result<u32> {
 
 async fn planted_symlinks_in_the_state_dir_are_never_followed() -> TestResult {
     let port = free_port()?;
-    let _server = RedisServerProc::start(port, PASSWORD).await?;
+    let _server = PoolServer::start(port).await?;
     let victims = TempDir::new("victims")?;
     let victim = victims.path().join("precious");
     std::fs::write(&victim, "precious contents\n")?;
@@ -587,7 +596,7 @@ async fn generated_files_are_private_whatever_was_there_before() -> TestResult {
         mode(&state.join("node.pid"))?
     );
     check!(
-        std::fs::read_to_string(&conf)?.contains("requirepass"),
+        std::fs::read_to_string(&conf)?.contains("user dc-node on"),
         "redis.conf was not rewritten"
     );
     head.stop().await?;
@@ -595,7 +604,7 @@ async fn generated_files_are_private_whatever_was_there_before() -> TestResult {
     // A state dir that does not exist yet is created 0700.
     let fresh = parent.path().join("fresh/state");
     let port = free_port()?;
-    let _server = RedisServerProc::start(port, PASSWORD).await?;
+    let _server = PoolServer::start(port).await?;
     let node = NodeProc::start_in(
         &strs(&worker_args(port, 0, PASSWORD)),
         &[],
@@ -629,12 +638,8 @@ async fn generated_files_are_private_whatever_was_there_before() -> TestResult {
 
 async fn status_escapes_names_read_from_the_broker() -> TestResult {
     let port = free_port()?;
-    let _server = RedisServerProc::start(port, PASSWORD).await?;
-    let broker = RedisBroker::connect(
-        &format!("redis://:{PASSWORD}@127.0.0.1:{port}"),
-        RedisOptions::default(),
-    )
-    .await?;
+    let _server = PoolServer::start(port).await?;
+    let broker = common::cluster::head_broker(port).await?;
     let evil = "x\u{1b}]0;owned\u{7}\u{1b}[2J\r\nnode: fake\u{202e}";
     // The node id names the node's Redis connection, which Redis keeps printable: the host
     // name and the device ids carry the escape sequences.

@@ -168,6 +168,7 @@ async fn wrong_password_is_an_auth_error_quickly() -> TestResult {
         .address("127.0.0.1")
         .port(port)
         .password("not-the-password")
+        .known_heads(common::cluster::known_heads())
         .connect()
         .await;
     check!(
@@ -189,6 +190,7 @@ async fn nothing_listening_is_unreachable_within_the_timeout() -> TestResult {
         .address("127.0.0.1")
         .port(port)
         .password(PASSWORD)
+        .known_heads(common::cluster::known_heads())
         .connect_timeout(Duration::from_secs(2))
         .connect()
         .await;
@@ -210,6 +212,7 @@ async fn unknown_worker_kind_is_reported_to_the_pool() -> TestResult {
         .address("127.0.0.1")
         .port(port)
         .password(PASSWORD)
+        .known_heads(common::cluster::known_heads())
         .connect()
         .await?;
     let started = Instant::now();
@@ -389,6 +392,7 @@ async fn tiny_jobs_in_batches_each_once_in_order_and_only_a_poison_job_is_charge
         .address("127.0.0.1")
         .port(port)
         .password(PASSWORD)
+        .known_heads(common::cluster::known_heads())
         .lease(Duration::from_secs(3))
         .max_attempts(1)
         .connect()

@@ -194,6 +194,7 @@ async fn a_node_cut_off_mid_job_is_fenced_and_rejoins() -> TestResult {
         .address(net.host_ip.clone())
         .port(port)
         .password(PASSWORD)
+        .known_heads(common::cluster::known_heads())
         .lease(LEASE)
         .connect_timeout(Duration::from_secs(5))
         .connect()

@@ -1142,6 +1142,7 @@ async fn wrong_job_type(port: u16) -> Result<(), Failed> {
         .address("127.0.0.1")
         .port(port)
         .password(common::cluster::PASSWORD)
+        .known_heads(common::cluster::known_heads())
         .connect()
         .await?;
     let n = 5;
@@ -1205,6 +1206,7 @@ async fn wrong_update_type(head: &NodeProc, port: u16) -> Result<(), Failed> {
         .address("127.0.0.1")
         .port(port)
         .password(common::cluster::PASSWORD)
+        .known_heads(common::cluster::known_heads())
         .connect()
         .await?;
     let before = pool.map((0..4).map(ProbeJob::Echo)).await?;
@@ -1376,8 +1378,7 @@ async fn node_killed_holding_batched_jobs_every_job_once() -> Result<(), Failed>
         wait_workers(&pool, 4, 2).await,
         "expected 4 workers on 2 nodes"
     );
-    let url = format!("redis://:{}@127.0.0.1:{port}", common::cluster::PASSWORD);
-    let broker = distributed_computing::RedisBroker::connect(&url, Default::default())
+    let broker = common::cluster::head_broker(port)
         .await
         .map_err(|e| format!("connect: {e}"))?;
     let session = distributed_computing::broker::SessionId(pool.session_id());

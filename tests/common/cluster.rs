@@ -17,6 +17,50 @@ pub const ROLE: &str = "DC_TEST_ROLE";
 /// The password of test pools.
 pub const PASSWORD: &str = "test-pool-pw";
 
+/// The known-heads file of this test process and the nodes and CLIs it starts: heads pinned
+/// on first use here do not meet heads of other test processes on a reused port.
+pub fn known_heads() -> PathBuf {
+    std::env::temp_dir().join(format!("dc-test-known-heads-{}", std::process::id()))
+}
+
+/// Heads (and pool servers) started by this process: port → state directory.
+static HEADS: Mutex<Vec<(u16, PathBuf)>> = Mutex::new(Vec::new());
+
+/// Remember that a pool server with state directory `dir` serves `port`.
+pub fn register_head(port: u16, dir: &Path) {
+    HEADS
+        .lock()
+        .expect("heads")
+        .push((port, dir.to_path_buf()));
+}
+
+/// The state directory of the head this process started on `port`, if any.
+pub fn head_dir(port: u16) -> Option<PathBuf> {
+    HEADS
+        .lock()
+        .expect("heads")
+        .iter()
+        .rev()
+        .find(|(p, _)| *p == port)
+        .map(|(_, d)| d.clone())
+}
+
+/// The admin secret of the head on `port` (from its state directory).
+pub fn admin_secret(port: u16) -> Option<String> {
+    let dir = head_dir(port)?;
+    std::fs::read_to_string(dir.join(format!("redis-{port}")).join("admin-secret"))
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// The join token of the head on `port`.
+pub fn head_token(port: u16) -> Option<String> {
+    let dir = head_dir(port)?;
+    std::fs::read_to_string(dir.join("join-token"))
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
 /// Call first in a cluster test's `main` (after `serve_if_worker`): serves the CLI role.
 pub fn serve_cli_role() -> Option<std::process::ExitCode> {
     (std::env::var(ROLE).as_deref() == Ok("cli"))
@@ -38,6 +82,7 @@ impl NodeProc {
         let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
         cmd.env(ROLE, "cli")
             .env("DC_LOG", "info")
+            .env("DC_KNOWN_HEADS", known_heads())
             .env_remove("DC_FAKE_GPUS")
             .env_remove("CUDA_VISIBLE_DEVICES")
             .args(args)
@@ -120,10 +165,20 @@ pub fn node_of(worker_id: &str) -> &str {
         .unwrap_or(worker_id)
 }
 
+/// A free loopback port, never one this process handed out before (a head pinned on one
+/// port must not meet another head there).
 pub fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let mut given = GIVEN.lock().expect("ports");
+        if !given.contains(&port) {
+            given.push(port);
+            return Ok(port);
+        }
+    }
 }
 
 /// A temporary directory removed on drop.
@@ -184,6 +239,7 @@ pub async fn start_head_with(
     let args = node_args(true, port, cpu_workers, heartbeat_ms);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let head = NodeProc::start(&args, &[]).await?;
+    register_head(port, head.state_dir());
     if !head
         .wait_for_output(
             &format!("start-node -p {port} -a "),
@@ -221,7 +277,8 @@ pub async fn pool_with_lease(
     let mut builder = Pool::<Probe>::builder(ProbeInit::tagged(tag))
         .address("127.0.0.1")
         .port(port)
-        .password(PASSWORD);
+        .password(PASSWORD)
+        .known_heads(known_heads());
     if let Some(lease) = lease {
         builder = builder.lease(lease);
     }
@@ -307,24 +364,30 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
-/// Run `redis-cli` against the head's server on `port` (with the pool password); its stdout.
+/// Run `redis-cli` against the server on `port`: a head's (over TLS, as its admin user) or a
+/// plain password-protected one; its stdout.
 pub async fn redis_cli<S: AsRef<std::ffi::OsStr>>(
     port: u16,
     args: &[S],
 ) -> Result<String, Box<dyn std::error::Error>> {
-    let out = tokio::process::Command::new("redis-cli")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "--no-auth-warning",
-        ])
-        .env("REDISCLI_AUTH", PASSWORD)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .await?;
+    let mut cmd = tokio::process::Command::new("redis-cli");
+    cmd.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "--no-auth-warning",
+    ]);
+    match admin_secret(port) {
+        Some(secret) => {
+            cmd.args(["--tls", "--insecure", "--user", "dc-admin"])
+                .env("REDISCLI_AUTH", secret);
+        }
+        None => {
+            cmd.env("REDISCLI_AUTH", PASSWORD);
+        }
+    }
+    let out = cmd.args(args).stdin(Stdio::null()).output().await?;
     if !out.status.success() {
         let shown: Vec<_> = args.iter().map(|a| a.as_ref().to_string_lossy()).collect();
         return Err(format!(
@@ -342,6 +405,7 @@ pub async fn status_json(port: u16) -> Result<serde_json::Value, Box<dyn std::er
     let out = tokio::process::Command::new(std::env::current_exe()?)
         .env(ROLE, "cli")
         .env("DC_PASSWORD", PASSWORD)
+        .env("DC_KNOWN_HEADS", known_heads())
         .env("DC_LOG", "error")
         .args([
             "status",
@@ -392,6 +456,7 @@ impl NodeProc {
         let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
         cmd.env(ROLE, "cli")
             .env("DC_LOG", "info")
+            .env("DC_KNOWN_HEADS", known_heads())
             .env_remove("DC_FAKE_GPUS")
             .env_remove("CUDA_VISIBLE_DEVICES")
             .args(args)
@@ -477,6 +542,53 @@ impl RedisServerProc {
     }
 }
 
+/// A pool server started in this process (`start_server`: TLS, the pool's ACL user with
+/// [`PASSWORD`]) on `127.0.0.1:port`; stopped when dropped with the test's runtime.
+pub struct PoolServer {
+    pub handle: distributed_computing::ServerHandle,
+    pub port: u16,
+    _dir: TempDir,
+}
+
+impl PoolServer {
+    /// Its state directory.
+    pub fn dir(&self) -> &Path {
+        self._dir.path()
+    }
+
+    pub async fn start(port: u16) -> Result<Self, Box<dyn std::error::Error>> {
+        let dir = TempDir::new("server")?;
+        let handle = distributed_computing::start_server(
+            distributed_computing::ServerOptions::new(PASSWORD)
+                .port(port)
+                .bind(vec!["127.0.0.1".into()])
+                .state_dir(dir.path()),
+        )
+        .await?;
+        register_head(port, dir.path());
+        Ok(PoolServer {
+            handle,
+            port,
+            _dir: dir,
+        })
+    }
+}
+
+/// A broker connection to the head on `port` with its join token (the CA pinned), as a node
+/// would make it.
+pub async fn head_broker(
+    port: u16,
+) -> Result<distributed_computing::RedisBroker, Box<dyn std::error::Error>> {
+    let token = head_token(port).ok_or("no join token for this port")?;
+    let token = distributed_computing::JoinToken::parse(&token)?;
+    let url = distributed_computing::redis_url_as("127.0.0.1", token.port, &token.user, &token.secret);
+    let options = distributed_computing::RedisOptions {
+        tls: token.ca_sha256.map(distributed_computing::TlsTrust::PinnedCa),
+        ..Default::default()
+    };
+    Ok(distributed_computing::RedisBroker::connect(&url, options).await?)
+}
+
 /// Run this executable as the CLI (role `cli`) to completion, with `args`, extra `env`, and
 /// `env_remove` removed; (exit status, stdout, stderr).
 pub async fn run_cli(
@@ -488,6 +600,7 @@ pub async fn run_cli(
     let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
     cmd.env(ROLE, "cli")
         .env("DC_LOG", "info")
+        .env("DC_KNOWN_HEADS", known_heads())
         .args(args)
         .stdin(Stdio::null())
         .kill_on_drop(true);

@@ -320,7 +320,12 @@ impl RedisBroker {
     /// # }
     /// ```
     pub async fn connect(url: &str, options: RedisOptions) -> Result<Self, BrokerError> {
-        let conns = Conns::new(url, options.connect_timeout, options.response_timeout)?;
+        let conns = Conns::new(
+            url,
+            options.connect_timeout,
+            options.response_timeout,
+            options.tls.as_ref(),
+        )?;
         let check = async {
             let mut conn = conns.control().await?;
             redis::cmd("PING")

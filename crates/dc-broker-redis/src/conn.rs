@@ -1,13 +1,19 @@
 //! Connections to Redis: one shared multiplexed connection for scripts and small commands
 //! (made on first use and kept), and free-lists of dedicated connections for blocking reads
-//! and bulk chunk transfers. Every connection is made within the broker's connect timeout.
+//! and bulk chunk transfers. Every connection is made within the broker's connect timeout,
+//! over TLS when the URL is `rediss://` or the options name a [`TlsTrust`].
 
 use std::sync::Mutex;
 use std::time::Duration;
 
 use dc_core::BrokerError;
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, ErrorKind, RedisError, ServerErrorKind};
+use redis::{
+    AsyncConnectionConfig, ConnectionAddr, ErrorKind, RedisConnectionInfo, RedisError,
+    ServerErrorKind,
+};
+
+use crate::tls::{TlsClient, TlsTrust};
 
 /// Response timeout of bulk connections (one chunk of up to 32 MiB per command).
 pub(crate) const BULK_TIMEOUT: Duration = Duration::from_secs(120);
@@ -21,7 +27,12 @@ const FREE_LIST_MAX: usize = 1024;
 
 /// Every connection this broker opens.
 pub(crate) struct Conns {
-    client: Client,
+    host: String,
+    port: u16,
+    /// How to log in (user, password, database), from the URL.
+    login: RedisConnectionInfo,
+    /// TLS, when the connections use it.
+    tls: Option<TlsClient>,
     /// The connection every script and small command goes through, shared by clones: a
     /// multiplexed connection pipelines concurrent commands itself. Made like the dedicated
     /// ones, within the connect timeout; dropped on a connection error, and the next command
@@ -90,11 +101,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Conns {
-    /// Set up the client (nothing is connected yet).
+    /// Set up the client (nothing is connected yet): `redis://` is plain unless `tls` names a
+    /// trust; `rediss://` is TLS, with the system's roots unless `tls` says otherwise.
     pub(crate) fn new(
         url: &str,
         connect_timeout: Duration,
         response_timeout: Duration,
+        tls: Option<&TlsTrust>,
     ) -> Result<Self, BrokerError> {
         use redis::IntoConnectionInfo;
         let target = dc_core::redact_url(url);
@@ -102,13 +115,29 @@ impl Conns {
             tracing::debug!(error = %e, "cannot use Redis URL {target}");
             BrokerError::UnsupportedUrl(target.clone())
         };
-        let info = url
-            .into_connection_info()
-            .map_err(bad_url)?
-            .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
-        let client = Client::open(info).map_err(bad_url)?;
+        // The redis crate parses TLS URLs only in its own TLS builds; TLS is done here.
+        let (plain, secure) = match url.strip_prefix("rediss://") {
+            Some(rest) => (format!("redis://{rest}"), true),
+            None => (url.to_string(), false),
+        };
+        let info = plain.as_str().into_connection_info().map_err(bad_url)?;
+        let ConnectionAddr::Tcp(host, port) = info.addr().clone() else {
+            return Err(BrokerError::UnsupportedUrl(target));
+        };
+        let trust = match (tls, secure) {
+            (Some(trust), _) => Some(trust.clone()),
+            (None, true) => Some(TlsTrust::System),
+            (None, false) => None,
+        };
+        let tls = trust
+            .map(|trust| TlsClient::new(&trust, &host, port))
+            .transpose()
+            .map_err(|e| BrokerError::Connection(format!("{target}: {e}")))?;
         Ok(Conns {
-            client,
+            host,
+            port,
+            login: info.redis_settings().clone(),
+            tls,
             shared: Mutex::new(None),
             blocking: Mutex::new(Vec::new()),
             bulk: Mutex::new(Vec::new()),
@@ -169,22 +198,55 @@ impl Conns {
         Ok(conn)
     }
 
-    /// A new connection, within the connect timeout.
+    /// A new connection (TCP, TLS when set, then the log-in), within the connect timeout.
     async fn connect(
         &self,
         response_timeout: Duration,
     ) -> Result<MultiplexedConnection, BrokerError> {
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.connect_timeout))
-            .set_response_timeout(Some(response_timeout));
-        let made = tokio::time::timeout(
-            self.connect_timeout + Duration::from_millis(100),
-            self.client
-                .get_multiplexed_async_connection_with_config(&config),
-        )
-        .await
-        .map_err(|_| self.timed_out())?;
-        made.map_err(|e| self.error(e))
+        let config = AsyncConnectionConfig::new().set_response_timeout(Some(response_timeout));
+        let made = async {
+            let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
+                .await
+                .map_err(|e| BrokerError::Connection(format!("{}: {e}", self.target)))?;
+            let _ = tcp.set_nodelay(true);
+            let (conn, driver) = match &self.tls {
+                Some(tls) => {
+                    let stream = tls.handshake(tcp).await.map_err(|e| self.tls_error(e))?;
+                    MultiplexedConnection::new_with_config(&self.login, stream, config)
+                        .await
+                        .map(|(c, d)| (c, futures::future::FutureExt::boxed(d)))
+                }
+                None => MultiplexedConnection::new_with_config(&self.login, tcp, config)
+                    .await
+                    .map(|(c, d)| (c, futures::future::FutureExt::boxed(d))),
+            }
+            .map_err(|e| self.error(e))?;
+            tokio::spawn(driver);
+            if let Some(tls) = &self.tls {
+                tls.connected();
+            }
+            Ok(conn)
+        };
+        tokio::time::timeout(self.connect_timeout + Duration::from_millis(100), made)
+            .await
+            .map_err(|_| self.timed_out())?
+    }
+
+    /// A failed TLS handshake: a refused certificate is final (like a refused password); a
+    /// peer that does not speak TLS is not a pool server's TLS port; anything else is
+    /// transient.
+    fn tls_error(&self, e: std::io::Error) -> BrokerError {
+        if let Some(why) = crate::tls::refusal(&e) {
+            return BrokerError::Auth(format!("{}: {why}", self.target));
+        }
+        if crate::tls::not_tls(&e) {
+            return BrokerError::Protocol(format!(
+                "{}: the service there does not speak the Redis protocol over TLS (is it the \
+                 pool's port? a head started with --no-tls is reached with --no-tls): {e}",
+                self.target
+            ));
+        }
+        BrokerError::Connection(format!("{}: TLS handshake: {e}", self.target))
     }
 
     /// Set a blocking connection's response timeout for a read that blocks up to `wait`.

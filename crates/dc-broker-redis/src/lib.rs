@@ -20,15 +20,19 @@
 //! # }
 //! ```
 
+pub mod acl;
 mod broker;
 mod codec;
 mod conn;
 mod keys;
 pub mod server;
+pub mod tls;
+pub mod token;
 
 use std::time::Duration;
 
 pub use broker::RedisBroker;
+pub use tls::TlsTrust;
 
 /// How a [`RedisBroker`] names its keys and moves large values.
 #[derive(Debug, Clone)]
@@ -47,6 +51,10 @@ pub struct RedisOptions {
     /// command makes a new one. A blocking read's bound is its wait plus 5 s, and a chunk of a big
     /// payload's is 120 s.
     pub response_timeout: Duration,
+    /// How TLS connections trust the server. `None` (the default): plain for `redis://` URLs,
+    /// the system's root certificates for `rediss://`. `Some`: TLS whatever the scheme, as
+    /// this says (a head's pinned CA, a known-heads file, a private CA file).
+    pub tls: Option<TlsTrust>,
 }
 
 impl Default for RedisOptions {
@@ -56,6 +64,7 @@ impl Default for RedisOptions {
             chunk_size: 16 << 20,
             connect_timeout: Duration::from_secs(5),
             response_timeout: Duration::from_secs(30),
+            tls: None,
         }
     }
 }
@@ -80,6 +89,29 @@ pub fn redis_url(host: &str, port: u16, password: Option<&str>) -> String {
         Some(pw) => format!("redis://:{}@{host}:{port}", percent_encode(pw)),
         None => format!("redis://{host}:{port}"),
     }
+}
+
+/// The URL of a Redis server for `user` with `password`: `redis://user:password@host:port`,
+/// both percent-encoded.
+///
+/// # Examples
+/// ```
+/// use dc_broker_redis::redis_url_as;
+///
+/// assert_eq!(redis_url_as("head", 8899, "dc-node", "p@ss"), "redis://dc-node:p%40ss@head:8899");
+/// assert_eq!(redis_url_as("::1", 8899, "dc-node", "pw"), "redis://dc-node:pw@[::1]:8899");
+/// ```
+pub fn redis_url_as(host: &str, port: u16, user: &str, password: &str) -> String {
+    let host = if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    };
+    format!(
+        "redis://{}:{}@{host}:{port}",
+        percent_encode(user),
+        percent_encode(password)
+    )
 }
 
 fn percent_encode(s: &str) -> String {

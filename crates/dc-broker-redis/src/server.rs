@@ -1,5 +1,10 @@
 //! The head node's dedicated `redis-server`: found on PATH, started with a generated config
-//! (password, pool port, bind address, data in the state dir), waited on until it answers.
+//! (pool port, bind address, TLS with the head's own CA, ACL users, data in the state dir),
+//! waited on until it answers.
+//!
+//! Nodes and pools log in as [`NODE_USER`], a user that may run the pool's protocol on the
+//! pool's keys and nothing else; the `default` user is off; an admin user, whose secret is kept
+//! only in the state directory (`admin-secret`), may do everything.
 
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -7,6 +12,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use tokio::process::Child;
+
+use crate::tls::{HeadCerts, TlsTrust};
+pub use crate::token::NODE_USER;
+
+/// The head's administrator user: every command, for an operator with the state directory.
+pub const ADMIN_USER: &str = "dc-admin";
 
 /// What can go wrong starting the head's redis-server. Messages say what to do.
 #[derive(Debug, thiserror::Error)]
@@ -66,8 +77,11 @@ pub enum ServerError {
 /// How to start the head's redis-server.
 #[derive(Clone)]
 pub struct RedisServerOptions {
-    /// The pool password (`requirepass`).
+    /// The secret of [`NODE_USER`]: the pool password, or a join token's secret.
     pub password: String,
+    /// Whether the pool port speaks TLS (default true), with certificates from
+    /// [`crate::tls::head_certs`] in `dir`.
+    pub tls: bool,
     /// The pool port, the one port a user opens (default 8899).
     pub port: u16,
     /// Addresses to listen on (default `["*", "-::*"]`: every IPv4 and, if present, IPv6
@@ -83,6 +97,7 @@ impl std::fmt::Debug for RedisServerOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisServerOptions")
             .field("password", &"***")
+            .field("tls", &self.tls)
             .field("port", &self.port)
             .field("bind", &self.bind)
             .field("dir", &self.dir)
@@ -116,12 +131,59 @@ impl RedisServerOptions {
     pub fn new(password: impl Into<String>, port: u16, dir: impl Into<PathBuf>) -> Self {
         RedisServerOptions {
             password: password.into(),
+            tls: true,
             port,
             bind: vec!["*".into(), "-::*".into()],
             dir: dir.into(),
             program: None,
         }
     }
+
+    /// How a client on this machine trusts the server: its CA pinned (read from `dir`), or
+    /// `None` without TLS.
+    ///
+    /// # Errors
+    /// When the certificates cannot be read or made.
+    pub fn client_tls(&self) -> std::io::Result<Option<TlsTrust>> {
+        if !self.tls {
+            return Ok(None);
+        }
+        prepare_dir(&self.dir)?;
+        Ok(Some(TlsTrust::PinnedCa(
+            crate::tls::head_certs(&self.dir)?.ca_sha256,
+        )))
+    }
+}
+
+/// The state directory, made 0700.
+fn prepare_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// The admin user's secret in `dir/admin-secret` (0600): made once (256 random bits, hex).
+pub fn admin_secret(dir: &Path) -> std::io::Result<String> {
+    let path = dir.join("admin-secret");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let text = text.trim();
+        if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Ok(text.to_string());
+        }
+    }
+    let secret = random_secret()?;
+    write_new_file(dir, "admin-secret", format!("{secret}\n").as_bytes())?;
+    Ok(secret)
+}
+
+/// 256 random bits from the kernel, as 64 hex digits.
+pub fn random_secret() -> std::io::Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(crate::tls::hex(&bytes))
 }
 
 /// A redis-server this process started; killed when dropped (and when this process dies).
@@ -201,39 +263,32 @@ pub enum Probe {
     Nothing,
 }
 
-/// Ask `host:port` whether a Redis with `password` answers there, within `timeout`.
-pub async fn probe(host: &str, port: u16, password: &str, timeout: Duration) -> Probe {
-    let connect = tokio::time::timeout(timeout, tokio::net::TcpStream::connect((host, port)));
-    let mut stream = match connect.await {
-        Ok(Ok(s)) => s,
-        Ok(Err(_)) => return Probe::Nothing,
-        Err(_) => return Probe::Foreign,
+/// Ask `host:port` whether a pool server answers there to [`NODE_USER`] with `password`
+/// (over TLS with `tls`), within `timeout`.
+pub async fn probe(
+    host: &str,
+    port: u16,
+    password: &str,
+    tls: Option<&TlsTrust>,
+    timeout: Duration,
+) -> Probe {
+    if tokio::time::timeout(timeout, tokio::net::TcpStream::connect((host, port)))
+        .await
+        .is_ok_and(|c| c.is_err())
+    {
+        return Probe::Nothing;
+    }
+    let url = crate::redis_url_as(host, port, NODE_USER, password);
+    let options = crate::RedisOptions {
+        connect_timeout: timeout,
+        response_timeout: timeout,
+        tls: tls.cloned(),
+        ..crate::RedisOptions::default()
     };
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let auth = format!(
-        "*2\r\n$4\r\nAUTH\r\n${}\r\n{}\r\n*1\r\n$4\r\nPING\r\n",
-        password.len(),
-        password
-    );
-    let exchange = async {
-        stream.write_all(auth.as_bytes()).await?;
-        let mut buf = vec![0u8; 512];
-        let mut got = Vec::new();
-        while !got.ends_with(b"+PONG\r\n") && !got.starts_with(b"-") {
-            let n = stream.read(&mut buf).await?;
-            if n == 0 {
-                break;
-            }
-            got.extend_from_slice(&buf[..n]);
-        }
-        Ok::<_, std::io::Error>(got)
-    };
-    match tokio::time::timeout(timeout, exchange).await {
-        Ok(Ok(reply)) if reply.starts_with(b"+OK\r\n+PONG") => Probe::Ours,
-        Ok(Ok(reply)) if reply.starts_with(b"-WRONGPASS") || reply.starts_with(b"-ERR") => {
-            Probe::WrongPassword
-        }
-        _ => Probe::Foreign,
+    match crate::RedisBroker::connect(&url, options).await {
+        Ok(_) => Probe::Ours,
+        Err(dc_core::BrokerError::Auth(_)) => Probe::WrongPassword,
+        Err(_) => Probe::Foreign,
     }
 }
 
@@ -301,7 +356,28 @@ pub async fn start_redis_server(
     check_bind(&options.bind)?;
     let port = options.port;
     let host = options.local_address();
-    match probe(&host, port, &options.password, Duration::from_secs(2)).await {
+    let dir = options.dir.clone();
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ServerError::Io { path, source }
+    };
+    prepare_dir(&dir).map_err(io(&dir))?;
+    let certs = if options.tls {
+        Some(crate::tls::head_certs(&dir).map_err(io(&dir))?)
+    } else {
+        None
+    };
+    let tls = certs.as_ref().map(|c| TlsTrust::PinnedCa(c.ca_sha256));
+    let admin = admin_secret(&dir).map_err(io(&dir.join("admin-secret")))?;
+    match probe(
+        &host,
+        port,
+        &options.password,
+        tls.as_ref(),
+        Duration::from_secs(2),
+    )
+    .await
+    {
         Probe::Ours => {
             tracing::info!(port, "a pool server already runs on this port");
             return Ok(None);
@@ -314,20 +390,9 @@ pub async fn start_redis_server(
         Some(p) => p.clone(),
         None => find_redis_server().ok_or(ServerError::NotFound)?,
     };
-    let dir = options.dir.clone();
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| ServerError::Io { path, source }
-    };
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&dir)
-        .map_err(io(&dir))?;
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(io(&dir))?;
     let conf_path = dir.join("redis.conf");
     let log_path = dir.join("redis.log");
-    let conf = render_config(options, &dir, &log_path);
+    let conf = render_config(options, &dir, &log_path, certs.as_ref(), &admin)?;
     // It holds the password: a new 0600 file renamed into place, whatever was there before.
     write_new_file(&dir, "redis.conf", conf.as_bytes()).map_err(io(&conf_path))?;
     let _ = std::fs::remove_file(&log_path);
@@ -353,7 +418,16 @@ pub async fn start_redis_server(
                 log_tail: log_tail(&log_path),
             });
         }
-        if probe(&host, port, &options.password, Duration::from_secs(1)).await == Probe::Ours {
+        if probe(
+            &host,
+            port,
+            &options.password,
+            tls.as_ref(),
+            Duration::from_secs(1),
+        )
+        .await
+            == Probe::Ours
+        {
             tracing::info!(port, pid = ?child.id(), dir = %dir.display(), "redis-server started");
             return Ok(Some(RedisProcess { child, port, dir }));
         }
@@ -370,7 +444,7 @@ pub async fn start_redis_server(
 }
 
 /// Write `dir/name` as a new 0600 file (never following a symlink) renamed into place.
-fn write_new_file(dir: &Path, name: &str, contents: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_new_file(dir: &Path, name: &str, contents: &[u8]) -> std::io::Result<()> {
     let temp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let _ = std::fs::remove_file(&temp);
     let written = std::fs::OpenOptions::new()
@@ -409,13 +483,46 @@ fn quote(s: &str) -> String {
     out
 }
 
-fn render_config(options: &RedisServerOptions, dir: &Path, log: &Path) -> String {
-    format!(
+fn render_config(
+    options: &RedisServerOptions,
+    dir: &Path,
+    log: &Path,
+    certs: Option<&HeadCerts>,
+    admin_secret: &str,
+) -> Result<String, ServerError> {
+    let listen = match certs {
+        Some(c) => format!(
+            "port 0\n\
+             tls-port {port}\n\
+             tls-cert-file {chain}\n\
+             tls-key-file {key}\n\
+             tls-ca-cert-file {ca}\n\
+             tls-auth-clients no\n\
+             tls-protocols \"TLSv1.2 TLSv1.3\"\n",
+            port = options.port,
+            chain = quote(&c.chain.to_string_lossy()),
+            key = quote(&c.key.to_string_lossy()),
+            ca = quote(&c.ca_cert.to_string_lossy()),
+        ),
+        None => format!("port {}\n", options.port),
+    };
+    let acl = crate::acl::render_acl(
+        NODE_USER,
+        &options.password,
+        ADMIN_USER,
+        admin_secret,
+        crate::RedisOptions::default().prefix.as_str(),
+    )
+    .map_err(|e| ServerError::Io {
+        path: dir.join("redis.conf"),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    Ok(format!(
         "# Generated by distributed-computing for a head node. Do not edit: rewritten on start.\n\
-         port {port}\n\
+         {listen}\
          bind {bind}\n\
          protected-mode no\n\
-         requirepass {password}\n\
+         {acl}\n\
          dir {dir}\n\
          logfile {log}\n\
          daemonize no\n\
@@ -423,12 +530,20 @@ fn render_config(options: &RedisServerOptions, dir: &Path, log: &Path) -> String
          appendonly no\n\
          maxmemory-policy noeviction\n\
          tcp-keepalive 10\n",
-        port = options.port,
         bind = options.bind.join(" "),
-        password = quote(&options.password),
         dir = quote(&dir.to_string_lossy()),
         log = quote(&log.to_string_lossy()),
-    )
+    ))
+}
+
+/// This machine's name, when it can go in a certificate (else empty).
+pub(crate) fn host_name_for_certs() -> String {
+    let name = dc_core::agent::host_name();
+    if check_bind_entry(&name).is_ok() && name.parse::<std::net::IpAddr>().is_err() {
+        name
+    } else {
+        String::new()
+    }
 }
 
 fn log_tail(path: &Path) -> String {
@@ -487,13 +602,21 @@ mod tests {
         let mut o = RedisServerOptions::new("pw\"\\ \nrequirepass x", 8899, "/tmp/x");
         o.bind = vec!["127.0.0.1".into()];
         let dir = Path::new("/tmp/a\nb\u{85}");
-        let conf = render_config(&o, dir, &dir.join("redis.log"));
-        assert_eq!(conf.lines().count(), 12, "{conf}");
-        assert!(
-            conf.contains("requirepass \"pw\\\"\\\\ \\x0arequirepass x\"\n"),
-            "{conf}"
-        );
+        let conf = render_config(&o, dir, &dir.join("redis.log"), None, &"0".repeat(64))
+            .expect("rendered");
+        assert!(!conf.contains("requirepass"), "{conf}");
+        assert!(!conf.contains("pw\""), "the clear password is in the config: {conf}");
         assert!(conf.contains("dir \"/tmp/a\\x0ab\\xc2\\x85\"\n"), "{conf}");
+        let lines: Vec<&str> = conf.lines().collect();
+        let expected = [
+            "port", "bind", "protected-mode", "user", "user", "user", "", "dir", "logfile",
+            "daemonize", "save", "appendonly", "maxmemory-policy", "tcp-keepalive",
+        ];
+        let firsts: Vec<&str> = lines[1..]
+            .iter()
+            .map(|l| l.split(' ').next().unwrap_or(""))
+            .collect();
+        assert_eq!(firsts, expected, "{conf}");
     }
 
     #[test]

@@ -29,22 +29,41 @@ async fn head_server_starts_with_password_and_is_found_again() {
         .await
         .expect("start")
         .expect("started here");
+    let tls = opts.client_tls().expect("certificates").expect("TLS by default");
+    let secs = Duration::from_secs;
     assert_eq!(
-        probe("127.0.0.1", port, "head-pw", Duration::from_secs(2)).await,
+        probe("127.0.0.1", port, "head-pw", Some(&tls), secs(2)).await,
         Probe::Ours
     );
     assert_eq!(
-        probe("127.0.0.1", port, "wrong", Duration::from_secs(2)).await,
+        probe("127.0.0.1", port, "wrong", Some(&tls), secs(2)).await,
+        Probe::WrongPassword
+    );
+    // TLS only: a plain client gets nothing it can use, and is told nothing.
+    assert_ne!(
+        probe("127.0.0.1", port, "head-pw", None, secs(2)).await,
+        Probe::Ours
+    );
+    // Another head's CA (another state dir) is refused before the password is sent.
+    let stranger = options(port, "stranger");
+    let theirs = stranger.client_tls().expect("certificates").expect("TLS");
+    assert_eq!(
+        probe("127.0.0.1", port, "head-pw", Some(&theirs), secs(2)).await,
         Probe::WrongPassword
     );
     let conf = std::fs::read_to_string(opts.dir.join("redis.conf")).expect("config");
-    assert!(conf.contains("requirepass \"head-pw\""), "{conf}");
+    assert!(conf.contains(&format!("tls-port {port}\n")), "{conf}");
+    assert!(conf.contains("port 0\n"), "no plain port: {conf}");
+    assert!(conf.contains("user default off"), "{conf}");
+    assert!(!conf.contains("head-pw"), "the clear password is in the config: {conf}");
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(opts.dir.join("redis.conf"))
-        .expect("meta")
-        .permissions()
-        .mode();
-    assert_eq!(mode & 0o077, 0, "the config holds the password: owner-only");
+    for file in ["redis.conf", "tls-server.key", "tls-ca.key", "admin-secret"] {
+        let mode = std::fs::metadata(opts.dir.join(file))
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "{file} is owner-only");
+    }
     // Same port and password: already running, nothing new started.
     assert!(start_redis_server(&opts).await.expect("again").is_none());
     // Same port, other password: a clear error.
@@ -56,9 +75,30 @@ async fn head_server_starts_with_password_and_is_found_again() {
     ));
     redis.terminate().await.expect("terminate");
     assert_eq!(
-        probe("127.0.0.1", port, "head-pw", Duration::from_secs(1)).await,
+        probe("127.0.0.1", port, "head-pw", Some(&tls), secs(1)).await,
         Probe::Nothing
     );
+    let _ = std::fs::remove_dir_all(&opts.dir);
+    let _ = std::fs::remove_dir_all(&stranger.dir);
+}
+
+#[tokio::test]
+async fn without_tls_the_server_speaks_plain_redis_with_the_same_users() {
+    let port = free_port();
+    let mut opts = options(port, "plain");
+    opts.tls = false;
+    let mut redis = start_redis_server(&opts)
+        .await
+        .expect("start")
+        .expect("started here");
+    assert_eq!(
+        probe("127.0.0.1", port, "head-pw", None, Duration::from_secs(2)).await,
+        Probe::Ours
+    );
+    let conf = std::fs::read_to_string(opts.dir.join("redis.conf")).expect("config");
+    assert!(conf.contains(&format!("port {port}\n")) && !conf.contains("tls-port"), "{conf}");
+    assert!(conf.contains("user default off"), "{conf}");
+    redis.terminate().await.expect("terminate");
     let _ = std::fs::remove_dir_all(&opts.dir);
 }
 

@@ -38,8 +38,21 @@ pub struct NetworkTarget {
     pub address: String,
     /// Head node pool port (default [`DEFAULT_PORT`]).
     pub port: u16,
+    /// Whether `address` was given (with a join token, it overrides the token's addresses).
+    pub address_set: bool,
     /// The pool password.
     pub password: Option<String>,
+    /// A join token: the head's addresses, port, user, secret and CA hash.
+    pub token: Option<String>,
+    /// Whether to speak TLS to a head node (default true; false for a head started with
+    /// `--no-tls`).
+    pub tls: bool,
+    /// The CA file that `rediss://` brokers' certificates are checked against (default: the
+    /// system's roots).
+    pub tls_ca: Option<PathBuf>,
+    /// The known-heads file that pins a head reached with a password (default: the
+    /// `DC_KNOWN_HEADS` file, else the user's config directory).
+    pub known_heads: Option<PathBuf>,
     /// A broker URL, when given instead of a head node.
     pub url: Option<String>,
     /// How long to try before reporting [`PoolError::Unreachable`].
@@ -52,6 +65,10 @@ impl std::fmt::Debug for NetworkTarget {
             .field("address", &self.address)
             .field("port", &self.port)
             .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .field("tls", &self.tls)
+            .field("tls_ca", &self.tls_ca)
+            .field("known_heads", &self.known_heads)
             .field("url", &self.url.as_ref().map(|u| redact_url(u)))
             .field("connect_timeout", &self.connect_timeout)
             .finish()
@@ -148,7 +165,12 @@ pub struct PoolBuilder<W: Worker, C: Connector = LocalOnly> {
     init: W::Init,
     target: Target,
     password: Option<String>,
+    token: Option<String>,
+    tls: bool,
+    tls_ca: Option<PathBuf>,
+    known_heads: Option<PathBuf>,
     address: String,
+    address_set: bool,
     port: u16,
     max_attempts: u32,
     lease: Duration,
@@ -182,7 +204,12 @@ impl<W: Worker, C: Connector> PoolBuilder<W, C> {
             init,
             target: Target::Server,
             password: None,
+            token: None,
+            tls: true,
+            tls_ca: None,
+            known_heads: None,
             address: "localhost".into(),
+            address_set: false,
             port: DEFAULT_PORT,
             max_attempts: 3,
             lease: default_lease(),
@@ -218,9 +245,42 @@ impl<W: Worker, C: Connector> PoolBuilder<W, C> {
         self
     }
 
+    /// A join token, as a head writes it to `<state-dir>/join-token` (`dc1:…`): it names the
+    /// head's addresses and port, the user and secret, and the SHA-256 of the head's TLS CA, so
+    /// the pool checks it reached that head before it sends the secret. [`Self::address`]
+    /// overrides the token's addresses.
+    pub fn token(mut self, token: &str) -> Self {
+        self.token = Some(token.trim().to_string());
+        self.target = Target::Server;
+        self
+    }
+
+    /// The CA certificate file (PEM) that a `rediss://` broker's certificate must chain to
+    /// (default: the system's root certificates), for a Redis behind a private CA.
+    pub fn tls_ca(mut self, path: impl Into<PathBuf>) -> Self {
+        self.tls_ca = Some(path.into());
+        self
+    }
+
+    /// The known-heads file that pins a head reached with a password (trust on first use;
+    /// default: `DC_KNOWN_HEADS`, else `distributed-computing/known_heads` in the user's config
+    /// directory).
+    pub fn known_heads(mut self, path: impl Into<PathBuf>) -> Self {
+        self.known_heads = Some(path.into());
+        self
+    }
+
+    /// Speak plain Redis to a head started with `--no-tls` (on a trusted network only: the
+    /// password and every payload cross it in clear).
+    pub fn no_tls(mut self) -> Self {
+        self.tls = false;
+        self
+    }
+
     /// The head node's address (default `localhost`).
     pub fn address(mut self, address: impl Into<String>) -> Self {
         self.address = address.into();
+        self.address_set = true;
         self.target = Target::Server;
         self
     }
@@ -334,8 +394,13 @@ impl<W: Worker, C: Connector> PoolBuilder<W, C> {
             Target::Url(_) | Target::Server => {
                 let target = NetworkTarget {
                     address: self.address.clone(),
+                    address_set: self.address_set,
                     port: self.port,
                     password: self.password.clone(),
+                    token: self.token.clone(),
+                    tls: self.tls,
+                    tls_ca: self.tls_ca.clone(),
+                    known_heads: self.known_heads.clone(),
                     url: match &self.target {
                         Target::Url(url) => Some(url.clone()),
                         _ => None,

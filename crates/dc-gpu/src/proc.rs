@@ -140,11 +140,19 @@ pub async fn spawn_service(spec: SpawnSpec) -> io::Result<Child> {
         .map(|(child, _)| child)
 }
 
+/// Environment variables that hold a pool's secrets: removed from every spawned process's
+/// environment (workers and the pool server).
+pub const SECRET_ENV: &[&str] = &["DC_PASSWORD", "DC_TOKEN"];
+
 fn spawn_here(spec: SpawnSpec, kind: SpawnKind) -> io::Result<(Child, Option<UnixStream>)> {
     let parent_pid = std::process::id() as libc::pid_t;
     let mut cmd = Command::new(&spec.program);
-    cmd.args(&spec.args)
-        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+    cmd.args(&spec.args);
+    // The node's secrets stay with the node: job code and the pool server never see them.
+    for secret in SECRET_ENV {
+        cmd.env_remove(secret);
+    }
+    cmd.envs(spec.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .process_group(0)
         .kill_on_drop(true);
