@@ -12,8 +12,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use dc_broker_redis::server::NODE_USER;
 use dc_broker_redis::server::{RedisProcess, RedisServerOptions, start_redis_server};
-use dc_broker_redis::{RedisBroker, RedisOptions, redis_url};
+use dc_broker_redis::{RedisBroker, RedisOptions, redis_url_as};
 use dc_core::agent::{AgentConfig, AgentHandle, SlotSpec, WorkerCommand, spawn_agent};
 use dc_core::broker::NodeId;
 use dc_core::{BoxError, Broker, LocalBroker, Worker, WorkerContext};
@@ -389,16 +390,18 @@ fn free_port() -> std::io::Result<u16> {
         .port())
 }
 
-/// A dedicated redis-server on a free loopback port, with a password, in a temp dir.
+/// A dedicated redis-server on a free loopback port, with a password, in a temp dir: plain
+/// Redis (TLS off), so the figures read against the same server's own limits.
 async fn dedicated_redis(dir: &TempDir) -> Result<(RedisProcess, String, u16, String), BoxError> {
     let port = free_port()?;
     let password = format!("bench-{}-{}", std::process::id(), unix_ms());
     let mut options = RedisServerOptions::new(password.clone(), port, dir.path().join("redis"));
     options.bind = vec!["127.0.0.1".into()];
+    options.tls = false;
     let redis = start_redis_server(&options)
         .await?
         .ok_or("a redis-server already answered on the free port")?;
-    let url = redis_url("127.0.0.1", port, Some(&password));
+    let url = redis_url_as("127.0.0.1", port, NODE_USER, &password);
     Ok((redis, url, port, password))
 }
 
@@ -421,7 +424,8 @@ async fn run_dedicated(report: &mut Report, sizes: Sizes) -> Result<(), BoxError
 }
 
 async fn run_url(report: &mut Report, sizes: Sizes, url: &str) -> Result<(), BoxError> {
-    let prefix = format!("dc-bench-{}-{}", std::process::id(), unix_ms());
+    // Under `dc:`, where a head's node user may write.
+    let prefix = format!("dc:bench-{}-{}", std::process::id(), unix_ms());
     let result = run_redis_workloads(report, sizes, url, &prefix, None).await;
     // Remove what the run left under its prefix.
     if let Ok(mut conn) = connect(url).await {
@@ -462,7 +466,7 @@ async fn run_local(report: &mut Report, sizes: Sizes) -> Result<(), BoxError> {
     let dir = TempDir::new("redis")?;
     match dedicated_redis(&dir).await {
         Ok((mut redis, url, _, _)) => {
-            let baselines = measure_baselines(&url, "dc-bench-baseline", sizes).await;
+            let baselines = measure_baselines(&url, "dc:bench-baseline", sizes).await;
             let _ = redis.terminate().await;
             push_baselines(report, baselines?, "throwaway dedicated redis-server");
         }
@@ -842,6 +846,7 @@ impl NodeProc {
             .arg("--state-dir")
             .arg(dir.path())
             .env("DC_PASSWORD", f.password)
+            .arg("--no-tls")
             .env("DC_LOG", "warn")
             .env_remove("DC_CONFIG")
             .current_dir(dir.path())
@@ -919,7 +924,7 @@ async fn failover_once(
     nodes: &mut [NodeProc],
     lease: Option<Duration>,
 ) -> Result<(f64, f64), BoxError> {
-    let url = redis_url("127.0.0.1", f.port, Some(f.password));
+    let url = redis_url_as("127.0.0.1", f.port, NODE_USER, f.password);
     let mut builder =
         Pool::<BenchWorker>::builder(()).broker_instance(redis_broker(&url, "dc").await?);
     if let Some(lease) = lease {

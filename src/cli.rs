@@ -558,10 +558,10 @@ async fn run_start_node(cmd: StartNode, program: &str) -> Result<ExitCode, Strin
         );
     }
 
-    if config.server_only || config.head {
-        if config.token.is_some() || config.token_file.is_some() {
-            return Err("a head makes its own join token: pass no --token to --head or --server-only (see `dc-cli token show`)".into());
-        }
+    if (config.server_only || config.head)
+        && (config.token.is_some() || config.token_file.is_some())
+    {
+        return Err("a head makes its own join token: pass no --token to --head or --server-only (see `dc-cli token show`)".into());
     }
     let password = config.password()?;
     if let Some(p) = &password

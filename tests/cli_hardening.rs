@@ -13,8 +13,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use common::cluster::{
-    NodeProc, PASSWORD, PoolServer, TempDir, free_port, run_cli, start_worker_node,
-    status_json,
+    NodeProc, PASSWORD, PoolServer, TempDir, free_port, run_cli, start_worker_node, status_json,
 };
 use common::{Probe, ProbeInit, TestResult, eventually};
 use distributed_computing::broker::{NodeId, NodeStatus, WorkerId, WorkerState, WorkerStatus};
@@ -303,7 +302,10 @@ async fn rediss_checks_the_certificate_and_keeps_the_secret() -> TestResult {
         None,
     )
     .await?;
-    check!(status.success(), "status over rediss:// with --tls-ca failed: {err}");
+    check!(
+        status.success(),
+        "status over rediss:// with --tls-ca failed: {err}"
+    );
     check!(out.contains("\"nodes\""), "{out}");
     Ok(())
 }

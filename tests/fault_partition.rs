@@ -60,6 +60,7 @@ async fn status(host: &str, port: u16) -> Result<serde_json::Value, BoxError> {
     let out = tokio::process::Command::new(std::env::current_exe()?)
         .env(ROLE, "cli")
         .env("DC_PASSWORD", PASSWORD)
+        .env("DC_KNOWN_HEADS", common::cluster::known_heads())
         .args(["status", "-a", host, "-p", &port.to_string(), "--json"])
         .stdin(Stdio::null())
         .output()

@@ -28,10 +28,7 @@ static HEADS: Mutex<Vec<(u16, PathBuf)>> = Mutex::new(Vec::new());
 
 /// Remember that a pool server with state directory `dir` serves `port`.
 pub fn register_head(port: u16, dir: &Path) {
-    HEADS
-        .lock()
-        .expect("heads")
-        .push((port, dir.to_path_buf()));
+    HEADS.lock().expect("heads").push((port, dir.to_path_buf()));
 }
 
 /// The state directory of the head this process started on `port`, if any.
@@ -581,9 +578,12 @@ pub async fn head_broker(
 ) -> Result<distributed_computing::RedisBroker, Box<dyn std::error::Error>> {
     let token = head_token(port).ok_or("no join token for this port")?;
     let token = distributed_computing::JoinToken::parse(&token)?;
-    let url = distributed_computing::redis_url_as("127.0.0.1", token.port, &token.user, &token.secret);
+    let url =
+        distributed_computing::redis_url_as("127.0.0.1", token.port, &token.user, &token.secret);
     let options = distributed_computing::RedisOptions {
-        tls: token.ca_sha256.map(distributed_computing::TlsTrust::PinnedCa),
+        tls: token
+            .ca_sha256
+            .map(distributed_computing::TlsTrust::PinnedCa),
         ..Default::default()
     };
     Ok(distributed_computing::RedisBroker::connect(&url, options).await?)

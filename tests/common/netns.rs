@@ -198,6 +198,7 @@ impl NsNode {
             .arg(dir.path())
             .env(ROLE, "cli")
             .env("DC_LOG", "info")
+            .env("DC_KNOWN_HEADS", super::cluster::known_heads())
             .env_remove("DC_FAKE_GPUS")
             .env_remove("CUDA_VISIBLE_DEVICES")
             .stdin(Stdio::null())

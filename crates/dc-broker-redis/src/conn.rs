@@ -136,7 +136,8 @@ impl Conns {
         Ok(Conns {
             host,
             port,
-            login: info.redis_settings().clone(),
+            // No CLIENT SETINFO: a head's node user may not run it.
+            login: info.redis_settings().clone().set_skip_set_lib_name(),
             tls,
             shared: Mutex::new(None),
             blocking: Mutex::new(Vec::new()),

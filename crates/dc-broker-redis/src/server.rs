@@ -513,6 +513,7 @@ fn render_config(
         admin_secret,
         crate::RedisOptions::default().prefix.as_str(),
     )
+    .map(|acl| acl.trim_end().to_string())
     .map_err(|e| ServerError::Io {
         path: dir.join("redis.conf"),
         source: std::io::Error::other(e.to_string()),
@@ -605,12 +606,26 @@ mod tests {
         let conf = render_config(&o, dir, &dir.join("redis.log"), None, &"0".repeat(64))
             .expect("rendered");
         assert!(!conf.contains("requirepass"), "{conf}");
-        assert!(!conf.contains("pw\""), "the clear password is in the config: {conf}");
+        assert!(
+            !conf.contains("pw\""),
+            "the clear password is in the config: {conf}"
+        );
         assert!(conf.contains("dir \"/tmp/a\\x0ab\\xc2\\x85\"\n"), "{conf}");
         let lines: Vec<&str> = conf.lines().collect();
         let expected = [
-            "port", "bind", "protected-mode", "user", "user", "user", "", "dir", "logfile",
-            "daemonize", "save", "appendonly", "maxmemory-policy", "tcp-keepalive",
+            "port",
+            "bind",
+            "protected-mode",
+            "user",
+            "user",
+            "user",
+            "dir",
+            "logfile",
+            "daemonize",
+            "save",
+            "appendonly",
+            "maxmemory-policy",
+            "tcp-keepalive",
         ];
         let firsts: Vec<&str> = lines[1..]
             .iter()

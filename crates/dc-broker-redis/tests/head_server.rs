@@ -29,7 +29,10 @@ async fn head_server_starts_with_password_and_is_found_again() {
         .await
         .expect("start")
         .expect("started here");
-    let tls = opts.client_tls().expect("certificates").expect("TLS by default");
+    let tls = opts
+        .client_tls()
+        .expect("certificates")
+        .expect("TLS by default");
     let secs = Duration::from_secs;
     assert_eq!(
         probe("127.0.0.1", port, "head-pw", Some(&tls), secs(2)).await,
@@ -55,7 +58,10 @@ async fn head_server_starts_with_password_and_is_found_again() {
     assert!(conf.contains(&format!("tls-port {port}\n")), "{conf}");
     assert!(conf.contains("port 0\n"), "no plain port: {conf}");
     assert!(conf.contains("user default off"), "{conf}");
-    assert!(!conf.contains("head-pw"), "the clear password is in the config: {conf}");
+    assert!(
+        !conf.contains("head-pw"),
+        "the clear password is in the config: {conf}"
+    );
     use std::os::unix::fs::PermissionsExt;
     for file in ["redis.conf", "tls-server.key", "tls-ca.key", "admin-secret"] {
         let mode = std::fs::metadata(opts.dir.join(file))
@@ -96,7 +102,10 @@ async fn without_tls_the_server_speaks_plain_redis_with_the_same_users() {
         Probe::Ours
     );
     let conf = std::fs::read_to_string(opts.dir.join("redis.conf")).expect("config");
-    assert!(conf.contains(&format!("port {port}\n")) && !conf.contains("tls-port"), "{conf}");
+    assert!(
+        conf.contains(&format!("port {port}\n")) && !conf.contains("tls-port"),
+        "{conf}"
+    );
     assert!(conf.contains("user default off"), "{conf}");
     redis.terminate().await.expect("terminate");
     let _ = std::fs::remove_dir_all(&opts.dir);
