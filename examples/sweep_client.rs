@@ -1,9 +1,10 @@
-//! The MLP sweep on a head node: opens a pool on `-a HOST -p PORT -r PASSWORD` (or
-//! `DC_ADDRESS`, `DC_PORT`, `DC_PASSWORD`), streams results with `imap_unordered`,
-//! broadcasts each new best with `update_workers`, and prints the results table.
+//! The MLP sweep on a head node: opens a pool with the head's join token (`--token-file FILE`
+//! or `DC_TOKEN`), or on `-a HOST -p PORT` with the pool password (`DC_PASSWORD`, or `-r`),
+//! streams results with `imap_unordered`, broadcasts each new best with `update_workers`, and
+//! prints the results table.
 //!
 //! ```text
-//! cargo run --release --example sweep_client -- -a 10.0.0.5 -p 8899 -r 123456
+//! cargo run --release --example sweep_client -- --token-file join-token
 //! ```
 //!
 //! Start the nodes first with the `sweep_node` example (same worker kind).
@@ -23,6 +24,7 @@ struct Target {
     address: String,
     port: u16,
     password: String,
+    token: Option<String>,
 }
 
 fn parse_args() -> Result<Target, BoxError> {
@@ -33,6 +35,7 @@ fn parse_args() -> Result<Target, BoxError> {
             Err(_) => DEFAULT_PORT,
         },
         password: std::env::var("DC_PASSWORD").unwrap_or_default(),
+        token: std::env::var("DC_TOKEN").ok().filter(|t| !t.is_empty()),
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -41,27 +44,32 @@ fn parse_args() -> Result<Target, BoxError> {
             "-a" | "--address" => target.address = value,
             "-p" | "--port" => target.port = value.parse()?,
             "-r" | "--password" => target.password = value,
+            "--token-file" => target.token = Some(std::fs::read_to_string(value)?),
             other => {
-                return Err(
-                    format!("unknown flag {other}: use -a HOST -p PORT -r PASSWORD").into(),
-                );
+                return Err(format!(
+                    "unknown flag {other}: use --token-file FILE, or -a HOST -p PORT -r PASSWORD"
+                )
+                .into());
             }
         }
     }
-    if target.password.is_empty() {
-        return Err("no password: pass -r PASSWORD or set DC_PASSWORD".into());
+    if target.password.is_empty() && target.token.is_none() {
+        return Err("no token and no password: pass --token-file FILE (or DC_TOKEN), or set DC_PASSWORD".into());
     }
     Ok(target)
 }
 
 async fn client() -> Result<(), BoxError> {
     let target = parse_args()?;
-    let pool = Pool::<MlpSweep>::builder(DatasetSpec::default())
-        .address(target.address)
-        .port(target.port)
-        .password(target.password)
-        .connect()
-        .await?;
+    let mut builder = Pool::<MlpSweep>::builder(DatasetSpec::default());
+    builder = match &target.token {
+        Some(token) => builder.token(token),
+        None => builder
+            .address(target.address)
+            .port(target.port)
+            .password(target.password),
+    };
+    let pool = builder.connect().await?;
     let outcome = sweep(&pool).await;
     let closed = pool.close().await;
     outcome?;
