@@ -4,12 +4,13 @@
 //! On the head machine:
 //!
 //! ```text
-//! cargo run --release --example sweep_node -- start-node --head --password 123456 --cpu-workers 2
+//! cargo run --release --example sweep_node -- start-node --head --cpu-workers 2
 //! ```
 //!
-//! It prints the command for the other machines, e.g.
-//! `sweep_node start-node -p 8899 -a 10.0.0.5 -r 123456` (add `--cpu-workers N` on machines
-//! without a GPU). Then run the `sweep_client` example from anywhere.
+//! It writes its join token to `<state-dir>/join-token` and prints the command for the other
+//! machines, e.g. `sweep_node start-node -p 8899 -a 10.0.0.5 --token-file join-token` (copy the
+//! file there first; add `--cpu-workers N` on machines without a GPU). Then run the
+//! `sweep_client` example from anywhere with the same token.
 
 mod mlp;
 

@@ -1112,9 +1112,14 @@ pub async fn start_head_node(options: HeadOptions) -> Result<HeadHandle, NodeErr
     }
 }
 
-/// Whether a pool server (a Redis asking for a password) answers on this machine's `port`.
-/// Blocks for at most about a second.
+/// Whether a pool server (a Redis asking for a password, over TLS or plain) answers on this
+/// machine's `port`. Blocks for at most a few seconds.
 pub fn is_server_running(port: u16) -> bool {
+    dc_broker_redis::tls::answers_over_tls(port, Duration::from_millis(500)) || answers_plain(port)
+}
+
+/// [`is_server_running`] for a plain (`--no-tls`) server.
+fn answers_plain(port: u16) -> bool {
     use std::io::{Read, Write};
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let Ok(mut stream) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500))

@@ -461,6 +461,95 @@ pub(crate) fn not_tls(e: &std::io::Error) -> bool {
     )
 }
 
+// ---- is a pool server there? -------------------------------------------------------------
+
+/// Accepts any certificate: only for [`answers_over_tls`], which sends no secret and trusts
+/// nothing it reads beyond the shape of one reply.
+#[derive(Debug)]
+struct AnyServer(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Whether a Redis that asks for a password answers over TLS on `127.0.0.1:port` (a `PING`
+/// refused with `-NOAUTH`), within about `timeout` per step. Blocking; sends no secret.
+pub fn answers_over_tls(port: u16, timeout: std::time::Duration) -> bool {
+    use std::io::{Read, Write};
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let Ok(tcp) = std::net::TcpStream::connect_timeout(&addr, timeout) else {
+        return false;
+    };
+    let _ = tcp.set_read_timeout(Some(timeout));
+    let _ = tcp.set_write_timeout(Some(timeout));
+    let provider = provider();
+    let Ok(builder) =
+        ClientConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()
+    else {
+        return false;
+    };
+    let config = builder
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServer(provider)))
+        .with_no_client_auth();
+    let Ok(name) = ServerName::try_from(HEAD_NAME) else {
+        return false;
+    };
+    let Ok(conn) = rustls::ClientConnection::new(Arc::new(config), name) else {
+        return false;
+    };
+    let mut stream = rustls::StreamOwned::new(conn, tcp);
+    if stream.write_all(b"*1\r\n$4\r\nPING\r\n").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 64];
+    match stream.read(&mut buf) {
+        Ok(n) => buf[..n].starts_with(b"-NOAUTH"),
+        Err(_) => false,
+    }
+}
+
 // ---- the head's certificates ---------------------------------------------------------------
 
 /// A head's TLS files in its state directory.
