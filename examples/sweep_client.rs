@@ -54,7 +54,10 @@ fn parse_args() -> Result<Target, BoxError> {
         }
     }
     if target.password.is_empty() && target.token.is_none() {
-        return Err("no token and no password: pass --token-file FILE (or DC_TOKEN), or set DC_PASSWORD".into());
+        return Err(
+            "no token and no password: pass --token-file FILE (or DC_TOKEN), or set DC_PASSWORD"
+                .into(),
+        );
     }
     Ok(target)
 }
