@@ -220,7 +220,7 @@ async fn a_head_without_password_is_joined_with_its_token_alone() -> TestResult 
 async fn the_pool_port_speaks_tls_only_and_the_node_user_cannot_administer() -> TestResult {
     let (_head, port) = head(&[], &[]).await?;
     let token = JoinToken::parse(&head_token(port).ok_or("no token")?)?;
-    // The seed's liveness check sees the TLS server (it sends no secret), and nothing on a free
+    // `is_server_running` sees the TLS server (it sends no secret), and nothing on a free
     // port.
     let free = free_port()?;
     let seen = tokio::task::spawn_blocking(move || {
