@@ -14,11 +14,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dc_broker_redis::server::NODE_USER;
 use dc_broker_redis::server::{RedisProcess, RedisServerOptions, start_redis_server};
-use dc_broker_redis::{RedisBroker, RedisOptions, redis_url_as};
+use dc_broker_redis::{RedisBroker, RedisOptions, TlsTrust, connect_raw, redis_url_as};
 use dc_core::agent::{AgentConfig, AgentHandle, SlotSpec, WorkerCommand, spawn_agent};
 use dc_core::broker::NodeId;
 use dc_core::{BoxError, Broker, LocalBroker, Worker, WorkerContext};
-use redis::AsyncConnectionConfig;
 use redis::aio::MultiplexedConnection;
 use redis::streams::StreamReadReply;
 use serde::{Deserialize, Serialize};
@@ -182,6 +181,8 @@ struct Row {
     target: Option<String>,
     met: Option<bool>,
     note: Option<String>,
+    /// Measured on the TLS server (`--tls`).
+    tls: bool,
 }
 
 impl Row {
@@ -194,6 +195,7 @@ impl Row {
             target: None,
             met: None,
             note: None,
+            tls: false,
         }
     }
 
@@ -229,6 +231,8 @@ struct Report {
     mode: String,
     json: bool,
     baselines: Option<Baselines>,
+    /// The TLS server's baselines (`--tls`).
+    tls_baselines: Option<Baselines>,
     rows: Vec<Row>,
 }
 
@@ -246,7 +250,15 @@ impl Report {
         obj.insert("mode".into(), json!(self.mode));
         obj.insert("metric".into(), json!(row.metric));
         obj.insert("value".into(), json!(row.value.map(round3)));
-        if let Some(b) = &self.baselines {
+        if row.tls {
+            obj.insert("tls".into(), json!(true));
+        }
+        let baselines = if row.tls {
+            &self.tls_baselines
+        } else {
+            &self.baselines
+        };
+        if let Some(b) = baselines {
             obj.insert("ping_rtt_us".into(), json!(round3(b.ping_rtt_us)));
             obj.insert(
                 "xadd_pipelined_per_s".into(),
@@ -348,7 +360,12 @@ impl Drop for TempDir {
 }
 
 /// Run `dc-cli bench`.
-pub(crate) async fn run(broker: &str, quick: bool, json: bool) -> Result<ExitCode, String> {
+pub(crate) async fn run(
+    broker: &str,
+    quick: bool,
+    json: bool,
+    tls: bool,
+) -> Result<ExitCode, String> {
     let sizes = Sizes::new(quick);
     let mode = match broker {
         "local" | "redis" => broker.to_string(),
@@ -359,16 +376,24 @@ pub(crate) async fn run(broker: &str, quick: bool, json: bool) -> Result<ExitCod
             ));
         }
     };
+    if tls && mode != "redis" {
+        return Err(
+            "--tls runs with --broker redis (it starts a TLS server of its own); an existing \
+             server is measured over TLS through its rediss:// URL"
+                .into(),
+        );
+    }
     let mut report = Report {
         mode: mode.clone(),
         json,
         baselines: None,
+        tls_baselines: None,
         rows: Vec::new(),
     };
     let started = Instant::now();
     let result = match mode.as_str() {
         "local" => run_local(&mut report, sizes).await,
-        "redis" => run_dedicated(&mut report, sizes).await,
+        "redis" => run_dedicated(&mut report, sizes, tls).await,
         _ => run_url(&mut report, sizes, broker).await,
     };
     if !json {
@@ -390,29 +415,59 @@ fn free_port() -> std::io::Result<u16> {
         .port())
 }
 
-/// A dedicated redis-server on a free loopback port, with a password, in a temp dir: plain
-/// Redis (TLS off), so the figures read against the same server's own limits.
-async fn dedicated_redis(dir: &TempDir) -> Result<(RedisProcess, String, u16, String), BoxError> {
+/// A Redis server the bench runs on.
+#[derive(Debug, Clone)]
+struct Server {
+    url: String,
+    /// The prefix of every key the run writes.
+    prefix: String,
+    /// How its TLS port is trusted: `None` for a plain `redis://` URL (and the system's roots
+    /// for `rediss://`).
+    tls: Option<TlsTrust>,
+}
+
+impl Server {
+    /// Broker options for this server, answers bounded by `response_timeout`.
+    fn options(&self, response_timeout: Duration) -> RedisOptions {
+        RedisOptions {
+            prefix: self.prefix.clone(),
+            tls: self.tls.clone(),
+            response_timeout,
+            ..RedisOptions::default()
+        }
+    }
+}
+
+/// A dedicated redis-server on a free loopback port, with a password, in a temp dir, reached
+/// as the node user. Plain unless `tls`: then its port speaks TLS only, with certificates made
+/// in `dir` as a head makes them, and clients pin its CA.
+async fn dedicated_redis(
+    dir: &TempDir,
+    tls: bool,
+) -> Result<(RedisProcess, Server, u16, String), BoxError> {
     let port = free_port()?;
     let password = format!("bench-{}-{}", std::process::id(), unix_ms());
     let mut options = RedisServerOptions::new(password.clone(), port, dir.path().join("redis"));
     options.bind = vec!["127.0.0.1".into()];
-    options.tls = false;
+    options.tls = tls;
     let redis = start_redis_server(&options)
         .await?
         .ok_or("a redis-server already answered on the free port")?;
-    let url = redis_url_as("127.0.0.1", port, NODE_USER, &password);
-    Ok((redis, url, port, password))
+    let server = Server {
+        url: redis_url_as("127.0.0.1", port, NODE_USER, &password),
+        prefix: "dc".into(),
+        tls: options.client_tls()?,
+    };
+    Ok((redis, server, port, password))
 }
 
-async fn run_dedicated(report: &mut Report, sizes: Sizes) -> Result<(), BoxError> {
+async fn run_dedicated(report: &mut Report, sizes: Sizes, tls: bool) -> Result<(), BoxError> {
     let dir = TempDir::new("redis")?;
-    let (mut redis, url, port, password) = dedicated_redis(&dir).await?;
+    let (mut redis, server, port, password) = dedicated_redis(&dir, false).await?;
     let result = run_redis_workloads(
         report,
         sizes,
-        &url,
-        "dc",
+        &server,
         Some(Failover {
             port,
             password: &password,
@@ -420,16 +475,67 @@ async fn run_dedicated(report: &mut Report, sizes: Sizes) -> Result<(), BoxError
     )
     .await;
     let _ = redis.terminate().await;
-    result
+    result?;
+    if tls {
+        let dir = TempDir::new("redis-tls")?;
+        let (mut redis, server, _, _) = dedicated_redis(&dir, true).await?;
+        let result = tls_workloads(report, sizes, &server).await;
+        let _ = redis.terminate().await;
+        result?;
+    }
+    Ok(())
+}
+
+/// `--tls`: the baselines and W1–W4 again, on a second dedicated server whose port speaks TLS
+/// (as a head's does by default). Their rows carry `_tls` metrics, each ratio to the TLS
+/// server's own baseline, and a note with the figure's ratio to the plain run's.
+async fn tls_workloads(report: &mut Report, sizes: Sizes, server: &Server) -> Result<(), BoxError> {
+    let baselines = measure_baselines(server, &format!("{}:bench-baseline", server.prefix), sizes)
+        .await?;
+    report.tls_baselines = Some(baselines);
+    let mut runs = Report {
+        mode: report.mode.clone(),
+        json: false,
+        baselines: Some(baselines),
+        tls_baselines: None,
+        rows: Vec::new(),
+    };
+    push_baselines(&mut runs, baselines, "the TLS server, redis-rs over rustls");
+    let agent = NodeRuntime::start(server).await?;
+    let result = pool_workloads(&mut runs, sizes, &PoolTarget::Redis(server)).await;
+    agent.shutdown().await;
+    result?;
+    for mut row in runs.rows {
+        let plain_value = report
+            .rows
+            .iter()
+            .find(|r| !r.tls && r.workload == row.workload && r.metric == row.metric)
+            .and_then(|r| r.value);
+        if let (Some(v), Some(p)) = (row.value, plain_value) {
+            let vs = format!("over TLS; plain {} (TLS/plain {:.2})", fmt_num(p), v / p);
+            row.note = Some(match row.note {
+                Some(note) => format!("{note}; {vs}"),
+                None => vs,
+            });
+        }
+        row.metric.push_str("_tls");
+        row.tls = true;
+        report.push(row);
+    }
+    Ok(())
 }
 
 async fn run_url(report: &mut Report, sizes: Sizes, url: &str) -> Result<(), BoxError> {
     // Under `dc:`, where a head's node user may write.
-    let prefix = format!("dc:bench-{}-{}", std::process::id(), unix_ms());
-    let result = run_redis_workloads(report, sizes, url, &prefix, None).await;
+    let server = Server {
+        url: url.to_string(),
+        prefix: format!("dc:bench-{}-{}", std::process::id(), unix_ms()),
+        tls: None,
+    };
+    let result = run_redis_workloads(report, sizes, &server, None).await;
     // Remove what the run left under its prefix.
-    if let Ok(mut conn) = connect(url).await {
-        let _ = delete_prefix(&mut conn, &prefix).await;
+    if let Ok(mut conn) = connect(&server).await {
+        let _ = delete_prefix(&mut conn, &server.prefix).await;
     }
     result
 }
@@ -464,9 +570,9 @@ async fn run_local(report: &mut Report, sizes: Sizes) -> Result<(), BoxError> {
     // Baselines from a throwaway dedicated redis-server: the local pool uses no Redis, but
     // its figures still read against the same machine's broker limits.
     let dir = TempDir::new("redis")?;
-    match dedicated_redis(&dir).await {
-        Ok((mut redis, url, _, _)) => {
-            let baselines = measure_baselines(&url, "dc:bench-baseline", sizes).await;
+    match dedicated_redis(&dir, false).await {
+        Ok((mut redis, server, _, _)) => {
+            let baselines = measure_baselines(&server, "dc:bench-baseline", sizes).await;
             let _ = redis.terminate().await;
             push_baselines(report, baselines?, "throwaway dedicated redis-server");
         }
@@ -517,12 +623,9 @@ struct Failover<'a> {
     password: &'a str,
 }
 
-async fn redis_broker(url: &str, prefix: &str) -> Result<Arc<dyn Broker>, BoxError> {
-    let options = RedisOptions {
-        prefix: prefix.to_string(),
-        ..RedisOptions::default()
-    };
-    Ok(Arc::new(RedisBroker::connect(url, options).await?))
+async fn redis_broker(server: &Server) -> Result<Arc<dyn Broker>, BoxError> {
+    let options = server.options(RedisOptions::default().response_timeout);
+    Ok(Arc::new(RedisBroker::connect(&server.url, options).await?))
 }
 
 fn cpu_agent(
@@ -554,16 +657,16 @@ struct NodeRuntime {
 }
 
 impl NodeRuntime {
-    async fn start(url: &str, prefix: &str) -> Result<Self, BoxError> {
+    async fn start(server: &Server) -> Result<Self, BoxError> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("dc-bench-node")
             .enable_all()
             .build()?;
-        let (url, prefix) = (url.to_string(), prefix.to_string());
+        let server = server.clone();
         // The broker's connections are made on the node's runtime, so their tasks run there.
         let agent = runtime
-            .spawn(async move { cpu_agent(redis_broker(&url, &prefix).await?, WORKERS, false) })
+            .spawn(async move { cpu_agent(redis_broker(&server).await?, WORKERS, false) })
             .await??;
         Ok(NodeRuntime { runtime, agent })
     }
@@ -578,18 +681,18 @@ impl NodeRuntime {
 async fn run_redis_workloads(
     report: &mut Report,
     sizes: Sizes,
-    url: &str,
-    prefix: &str,
+    server: &Server,
     failover: Option<Failover<'_>>,
 ) -> Result<(), BoxError> {
     // W6 first, on a heap nothing has grown yet (its memory figure); reported last.
-    let scale = scale_workloads(sizes, || redis_broker(url, prefix)).await?;
-    let baselines = measure_baselines(url, &format!("{prefix}:bench-baseline"), sizes).await?;
+    let scale = scale_workloads(sizes, || redis_broker(server)).await?;
+    let baselines =
+        measure_baselines(server, &format!("{}:bench-baseline", server.prefix), sizes).await?;
     push_baselines(report, baselines, "same server, redis-rs");
 
     // W1–W4: one node agent (in this process) with 2 CPU worker processes.
-    let agent = NodeRuntime::start(url, prefix).await?;
-    let target = PoolTarget::Redis { url, prefix };
+    let agent = NodeRuntime::start(server).await?;
+    let target = PoolTarget::Redis(server);
     let result = pool_workloads(report, sizes, &target).await;
     agent.shutdown().await;
     result?;
@@ -637,8 +740,8 @@ fn sorted(mut v: Vec<f64>) -> Vec<f64> {
 enum PoolTarget<'a> {
     /// A `local()` pool with 2 CPU workers.
     Local,
-    /// A pool on the Redis at `url` (key prefix `prefix`), served by the bench's own agent.
-    Redis { url: &'a str, prefix: &'a str },
+    /// A pool on this Redis, served by the bench's own agent.
+    Redis(&'a Server),
 }
 
 /// Open a pool with automatic batching on or off, wait for its 2 workers and warm it up
@@ -647,9 +750,9 @@ async fn open_pool(target: &PoolTarget<'_>, batching: bool) -> Result<Pool<Bench
     let builder = Pool::<BenchWorker>::builder(()).auto_batching(batching);
     let pool = match target {
         PoolTarget::Local => builder.local().cpu_workers(WORKERS).connect().await?,
-        PoolTarget::Redis { url, prefix } => {
+        PoolTarget::Redis(server) => {
             builder
-                .broker_instance(redis_broker(url, prefix).await?)
+                .broker_instance(redis_broker(server).await?)
                 .connect()
                 .await?
         }
@@ -924,9 +1027,13 @@ async fn failover_once(
     nodes: &mut [NodeProc],
     lease: Option<Duration>,
 ) -> Result<(f64, f64), BoxError> {
-    let url = redis_url_as("127.0.0.1", f.port, NODE_USER, f.password);
+    let server = Server {
+        url: redis_url_as("127.0.0.1", f.port, NODE_USER, f.password),
+        prefix: "dc".into(),
+        tls: None,
+    };
     let mut builder =
-        Pool::<BenchWorker>::builder(()).broker_instance(redis_broker(&url, "dc").await?);
+        Pool::<BenchWorker>::builder(()).broker_instance(redis_broker(&server).await?);
     if let Some(lease) = lease {
         builder = builder.lease(lease);
     }
@@ -1066,18 +1173,16 @@ where
 }
 
 /// A connection with a response timeout long enough for blocking reads and 64 MiB values.
-async fn connect(url: &str) -> Result<MultiplexedConnection, BoxError> {
-    let client = redis::Client::open(url)?;
-    let config = AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(5)))
-        .set_response_timeout(Some(Duration::from_secs(120)));
-    Ok(client
-        .get_multiplexed_async_connection_with_config(&config)
-        .await?)
+async fn connect(server: &Server) -> Result<MultiplexedConnection, BoxError> {
+    Ok(connect_raw(&server.url, &server.options(Duration::from_secs(120))).await?)
 }
 
-async fn measure_baselines(url: &str, prefix: &str, sizes: Sizes) -> Result<Baselines, BoxError> {
-    let mut conn = connect(url).await?;
+async fn measure_baselines(
+    server: &Server,
+    prefix: &str,
+    sizes: Sizes,
+) -> Result<Baselines, BoxError> {
+    let mut conn = connect(server).await?;
 
     // PING round trip.
     for _ in 0..50 {
@@ -1107,7 +1212,7 @@ async fn measure_baselines(url: &str, prefix: &str, sizes: Sizes) -> Result<Base
         .query_async::<()>(&mut conn)
         .await?;
 
-    let cycle_k1_per_s = stream_cycle(url, prefix, sizes.cycle_jobs).await?;
+    let cycle_k1_per_s = stream_cycle(server, prefix, sizes.cycle_jobs).await?;
 
     // SET then GET of 64 MiB.
     let key = format!("{prefix}:blob");
@@ -1143,10 +1248,10 @@ async fn measure_baselines(url: &str, prefix: &str, sizes: Sizes) -> Result<Base
 /// The bare stream job cycle: the producer XADDs `n` jobs; 2 consumers, each on its own
 /// connection, XREADGROUP COUNT 1 BLOCK, then XADD a result and XACK (one pipeline); the
 /// producer reads the `n` results. Jobs per second.
-async fn stream_cycle(url: &str, prefix: &str, n: usize) -> Result<f64, BoxError> {
+async fn stream_cycle(server: &Server, prefix: &str, n: usize) -> Result<f64, BoxError> {
     let jobs = format!("{prefix}:cycle-jobs");
     let results = format!("{prefix}:cycle-results");
-    let mut conn = connect(url).await?;
+    let mut conn = connect(server).await?;
     redis::cmd("DEL")
         .arg(&jobs)
         .arg(&results)
@@ -1164,7 +1269,7 @@ async fn stream_cycle(url: &str, prefix: &str, n: usize) -> Result<f64, BoxError
     let taken = Arc::new(AtomicUsize::new(0));
     let mut consumers = Vec::new();
     for c in 0..2 {
-        let mut cconn = connect(url).await?;
+        let mut cconn = connect(server).await?;
         let (jobs, results, stop, taken) =
             (jobs.clone(), results.clone(), stop.clone(), taken.clone());
         consumers.push(tokio::spawn(async move {

@@ -78,6 +78,10 @@ struct Bench {
     /// One JSON object per line instead of a table.
     #[arg(long)]
     json: bool,
+    /// Also run the baselines and W1–W4 on a second dedicated server whose port speaks TLS
+    /// (as a head's does by default); their rows carry `_tls` metrics (with --broker redis).
+    #[arg(long)]
+    tls: bool,
 }
 
 /// Flags shared by commands that reach a pool server.
@@ -507,7 +511,7 @@ pub fn main_with_args(args: Vec<std::ffi::OsString>) -> ExitCode {
             Command::Status(cmd) => run_status(cmd).await,
             Command::Stop(cmd) => run_stop(cmd).await,
             Command::Devices(cmd) => run_devices(cmd),
-            Command::Bench(cmd) => crate::bench::run(&cmd.broker, cmd.quick, cmd.json).await,
+            Command::Bench(cmd) => crate::bench::run(&cmd.broker, cmd.quick, cmd.json, cmd.tls).await,
             Command::Token(TokenCommand::Show(cmd)) => run_token_show(cmd),
         }
     });

@@ -199,6 +199,14 @@ impl Conns {
         Ok(conn)
     }
 
+    /// A new connection of its own, answers bounded by `response_timeout`.
+    pub(crate) async fn raw(
+        &self,
+        response_timeout: Duration,
+    ) -> Result<MultiplexedConnection, BrokerError> {
+        self.connect(response_timeout).await
+    }
+
     /// A new connection (TCP, TLS when set, then the log-in), within the connect timeout.
     async fn connect(
         &self,

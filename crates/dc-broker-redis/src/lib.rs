@@ -69,6 +69,29 @@ impl Default for RedisOptions {
     }
 }
 
+/// One connection of its own to the server at `url`, made as the broker makes its
+/// connections (TLS when the URL is `rediss://` or `options.tls` names a trust, within
+/// `options.connect_timeout`, answers bounded by `options.response_timeout`), for tools that
+/// send their own commands to a pool's server: `dc-cli bench` measures its baselines on one.
+/// `options.prefix` and `options.chunk_size` are not used.
+///
+/// # Errors
+/// The same as [`RedisBroker::connect`]'s: a bad URL, a refused certificate or password, no
+/// answer in time.
+pub async fn connect_raw(
+    url: &str,
+    options: &RedisOptions,
+) -> Result<redis::aio::MultiplexedConnection, dc_core::BrokerError> {
+    conn::Conns::new(
+        url,
+        options.connect_timeout,
+        options.response_timeout,
+        options.tls.as_ref(),
+    )?
+    .raw(options.response_timeout)
+    .await
+}
+
 /// The URL of a Redis server: `redis://:<password>@host:port`, the password percent-encoded.
 ///
 /// # Examples
