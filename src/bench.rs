@@ -490,8 +490,8 @@ async fn run_dedicated(report: &mut Report, sizes: Sizes, tls: bool) -> Result<(
 /// (as a head's does by default). Their rows carry `_tls` metrics, each ratio to the TLS
 /// server's own baseline, and a note with the figure's ratio to the plain run's.
 async fn tls_workloads(report: &mut Report, sizes: Sizes, server: &Server) -> Result<(), BoxError> {
-    let baselines = measure_baselines(server, &format!("{}:bench-baseline", server.prefix), sizes)
-        .await?;
+    let baselines =
+        measure_baselines(server, &format!("{}:bench-baseline", server.prefix), sizes).await?;
     report.tls_baselines = Some(baselines);
     let mut runs = Report {
         mode: report.mode.clone(),

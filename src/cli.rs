@@ -511,7 +511,9 @@ pub fn main_with_args(args: Vec<std::ffi::OsString>) -> ExitCode {
             Command::Status(cmd) => run_status(cmd).await,
             Command::Stop(cmd) => run_stop(cmd).await,
             Command::Devices(cmd) => run_devices(cmd),
-            Command::Bench(cmd) => crate::bench::run(&cmd.broker, cmd.quick, cmd.json, cmd.tls).await,
+            Command::Bench(cmd) => {
+                crate::bench::run(&cmd.broker, cmd.quick, cmd.json, cmd.tls).await
+            }
             Command::Token(TokenCommand::Show(cmd)) => run_token_show(cmd),
         }
     });

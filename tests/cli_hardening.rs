@@ -16,8 +16,9 @@ use common::cluster::{
     NodeProc, PASSWORD, PoolServer, TempDir, free_port, run_cli, start_worker_node, status_json,
 };
 use common::{Probe, ProbeInit, TestResult, eventually};
+use distributed_computing::broker::NodeRegistry;
 use distributed_computing::broker::{NodeId, NodeStatus, WorkerId, WorkerState, WorkerStatus};
-use distributed_computing::{Broker, Pool, PoolError};
+use distributed_computing::{Pool, PoolError};
 
 fn main() -> ExitCode {
     common::registry().serve_if_worker();

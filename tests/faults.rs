@@ -25,7 +25,8 @@ use common::cluster::{
     status_json, wait_workers,
 };
 use common::{Burners, Probe, ProbeInit, ProbeJob, ProbeOut, eventually, process_is_gone};
-use distributed_computing::{BoxError, Broker, JobFailure, Pool, PoolError, Worker, WorkerContext};
+use distributed_computing::broker::Inspect;
+use distributed_computing::{BoxError, JobFailure, Pool, PoolError, Worker, WorkerContext};
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use libtest_mimic::Failed;

@@ -321,8 +321,8 @@ fn tempdir(name: &str) -> Result<std::path::PathBuf, std::io::Error> {
 /// reopens it, replays its updates, resubmits what it has not received, and every job's
 /// result arrives exactly once.
 async fn pool_resubmits_what_a_broker_lost_and_delivers_each_result_once() -> TestResult {
-    use distributed_computing::Broker;
     use distributed_computing::agent::{AgentConfig, SlotSpec, WorkerCommand, spawn_agent};
+    use distributed_computing::broker::SessionControl;
     let broker = std::sync::Arc::new(distributed_computing::LocalBroker::new());
     let mut config = AgentConfig::new(
         NodeId("lossy-node".into()),

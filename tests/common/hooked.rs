@@ -2,6 +2,7 @@
 //! every call on to another broker: a test slows, holds or counts those calls without a backend
 //! of its own.
 
+use distributed_computing::broker::{Inspect, JobQueue, NodeRegistry, SessionControl, UpdateLog};
 use std::any::Any;
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,11 +41,14 @@ pub struct Hooked<H> {
 
 type BrokerResult<T> = Result<T, BrokerError>;
 
-#[async_trait::async_trait]
 impl<H: Hooks> Broker for Hooked<H> {
     fn max_payload(&self) -> usize {
         self.inner.max_payload()
     }
+}
+
+#[async_trait::async_trait]
+impl<H: Hooks> SessionControl for Hooked<H> {
     async fn try_open_session(&self, spec: &SessionSpec) -> BrokerResult<Option<SessionInfo>> {
         self.inner.try_open_session(spec).await
     }
@@ -54,23 +58,15 @@ impl<H: Hooks> Broker for Hooked<H> {
     async fn close_session(&self, session: &SessionId) -> BrokerResult<()> {
         self.inner.close_session(session).await
     }
+    async fn active_session(&self, wait: Duration) -> BrokerResult<Option<SessionInfo>> {
+        self.inner.active_session(wait).await
+    }
+}
+
+#[async_trait::async_trait]
+impl<H: Hooks> JobQueue for Hooked<H> {
     async fn submit(&self, session: &SessionId, jobs: Vec<NewJob>) -> BrokerResult<()> {
         self.inner.submit(session, jobs).await
-    }
-    async fn publish_update(
-        &self,
-        session: &SessionId,
-        payload: bytes::Bytes,
-    ) -> BrokerResult<UpdateSeq> {
-        self.inner.publish_update(session, payload).await
-    }
-    async fn publish_update_at(
-        &self,
-        session: &SessionId,
-        seq: UpdateSeq,
-        payload: bytes::Bytes,
-    ) -> BrokerResult<UpdateSeq> {
-        self.inner.publish_update_at(session, seq, payload).await
     }
     async fn take_results(
         &self,
@@ -81,29 +77,8 @@ impl<H: Hooks> Broker for Hooked<H> {
         let _held = self.hooks.read_results().await;
         self.inner.take_results(session, max, wait).await
     }
-    async fn session_stats(&self, session: &SessionId) -> BrokerResult<SessionStats> {
-        self.inner.session_stats(session).await
-    }
     async fn lost_jobs(&self, session: &SessionId, jobs: &[JobId]) -> BrokerResult<Vec<JobId>> {
         self.inner.lost_jobs(session, jobs).await
-    }
-    async fn reap_expired(&self) -> BrokerResult<usize> {
-        self.inner.reap_expired().await
-    }
-    async fn nodes(&self, within: Duration) -> BrokerResult<Vec<NodeSeen>> {
-        self.inner.nodes(within).await
-    }
-    async fn heartbeat(&self, status: &NodeStatus) -> BrokerResult<()> {
-        self.inner.heartbeat(status).await
-    }
-    async fn leave(&self, node: &NodeId) -> BrokerResult<()> {
-        self.inner.leave(node).await
-    }
-    async fn active_session(&self, wait: Duration) -> BrokerResult<Option<SessionInfo>> {
-        self.inner.active_session(wait).await
-    }
-    async fn report_problem(&self, session: &SessionId, problem: NodeProblem) -> BrokerResult<()> {
-        self.inner.report_problem(session, problem).await
     }
     async fn take_jobs(
         &self,
@@ -130,6 +105,25 @@ impl<H: Hooks> Broker for Hooked<H> {
     async fn abandon(&self, lease: &Lease, end: AttemptEnd) -> BrokerResult<Abandoned> {
         self.inner.abandon(lease, end).await
     }
+}
+
+#[async_trait::async_trait]
+impl<H: Hooks> UpdateLog for Hooked<H> {
+    async fn publish_update(
+        &self,
+        session: &SessionId,
+        payload: bytes::Bytes,
+    ) -> BrokerResult<UpdateSeq> {
+        self.inner.publish_update(session, payload).await
+    }
+    async fn publish_update_at(
+        &self,
+        session: &SessionId,
+        seq: UpdateSeq,
+        payload: bytes::Bytes,
+    ) -> BrokerResult<UpdateSeq> {
+        self.inner.publish_update_at(session, seq, payload).await
+    }
     async fn read_updates(
         &self,
         session: &SessionId,
@@ -137,5 +131,31 @@ impl<H: Hooks> Broker for Hooked<H> {
         max: usize,
     ) -> BrokerResult<Vec<(UpdateSeq, bytes::Bytes)>> {
         self.inner.read_updates(session, after, max).await
+    }
+}
+
+#[async_trait::async_trait]
+impl<H: Hooks> NodeRegistry for Hooked<H> {
+    async fn reap_expired(&self) -> BrokerResult<usize> {
+        self.inner.reap_expired().await
+    }
+    async fn heartbeat(&self, status: &NodeStatus) -> BrokerResult<()> {
+        self.inner.heartbeat(status).await
+    }
+    async fn leave(&self, node: &NodeId) -> BrokerResult<()> {
+        self.inner.leave(node).await
+    }
+    async fn report_problem(&self, session: &SessionId, problem: NodeProblem) -> BrokerResult<()> {
+        self.inner.report_problem(session, problem).await
+    }
+}
+
+#[async_trait::async_trait]
+impl<H: Hooks> Inspect for Hooked<H> {
+    async fn session_stats(&self, session: &SessionId) -> BrokerResult<SessionStats> {
+        self.inner.session_stats(session).await
+    }
+    async fn nodes(&self, within: Duration) -> BrokerResult<Vec<NodeSeen>> {
+        self.inner.nodes(within).await
     }
 }

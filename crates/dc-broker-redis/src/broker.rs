@@ -1,5 +1,6 @@
 //! [`RedisBroker`]: the [`Broker`] trait on Redis streams and Lua scripts.
 
+use dc_core::broker::{Inspect, JobQueue, NodeRegistry, SessionControl, UpdateLog};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
@@ -1153,12 +1154,14 @@ fn finish<T>(conn: Dedicated<'_>, result: Result<T, redis::RedisError>) -> redis
     }
 }
 
-#[async_trait]
 impl Broker for RedisBroker {
     fn max_payload(&self) -> usize {
         MAX_PAYLOAD
     }
+}
 
+#[async_trait]
+impl SessionControl for RedisBroker {
     async fn try_open_session(
         &self,
         spec: &SessionSpec,
@@ -1223,7 +1226,78 @@ impl Broker for RedisBroker {
         }
         Ok(None)
     }
+    async fn keep_session_alive(&self, session: &SessionId) -> Result<SessionState, BrokerError> {
+        let mut inv = SCRIPTS.keep_alive.prepare_invoke();
+        inv.key(self.keys().active())
+            .key(self.keys().meta(session))
+            .arg(&session.0)
+            .arg(self.keys().base(session))
+            .arg(KEY_TTL.as_millis() as u64);
+        if let Some((_, set)) = lock(&self.inner.opened)
+            .as_ref()
+            .filter(|(id, _)| id == session)
+        {
+            for value in set {
+                inv.arg(*value);
+            }
+        }
+        Ok(if int(&self.run(&inv).await?)? == 1 {
+            SessionState::Active
+        } else {
+            SessionState::Gone
+        })
+    }
+    async fn close_session(&self, session: &SessionId) -> Result<(), BrokerError> {
+        self.purge(session, false).await
+    }
+    async fn active_session(&self, wait: Duration) -> Result<Option<SessionInfo>, BrokerError> {
+        let deadline = Instant::now() + wait;
+        let opened = self.keys().opened();
+        loop {
+            let mut inv = SCRIPTS.active.prepare_invoke();
+            inv.key(self.keys().active())
+                .key(&opened)
+                .arg(self.keys().prefix())
+                .arg(self.inline_max());
+            let mut items = array(self.run(&inv).await?)?.into_iter();
+            let flag = int(&items.next().ok_or_else(|| bad("empty reply"))?)?;
+            if flag == 1 {
+                let [id, n, len, data] = take::<4>(Value::Array(items.collect()))?;
+                let id = SessionId(string(id)?);
+                let spec = match opt_bytes(data)? {
+                    Some(data) => Bytes::from(data),
+                    None => {
+                        let key = format!("{}spec", self.keys().base(&id));
+                        match self.fetch(&key, uint(&n)?, uint(&len)?).await {
+                            Ok(spec) => spec,
+                            // Closed between the two reads: look again.
+                            Err(BrokerError::Protocol(_)) => continue,
+                            Err(e) => return Err(e),
+                        }
+                    }
+                };
+                return Ok(Some(SessionInfo {
+                    id,
+                    spec: from_cbor("a session spec", &spec)?,
+                }));
+            }
+            let last = string(items.next().ok_or_else(|| bad("no stream id"))?)?;
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            let woke = self
+                .wait_streams(&[&opened], &[&last], deadline - now)
+                .await?;
+            if woke.is_empty() {
+                return Ok(None);
+            }
+        }
+    }
+}
 
+#[async_trait]
+impl JobQueue for RedisBroker {
     async fn lost_jobs(
         &self,
         session: &SessionId,
@@ -1251,33 +1325,6 @@ impl Broker for RedisBroker {
         }
         Ok(lost)
     }
-
-    async fn keep_session_alive(&self, session: &SessionId) -> Result<SessionState, BrokerError> {
-        let mut inv = SCRIPTS.keep_alive.prepare_invoke();
-        inv.key(self.keys().active())
-            .key(self.keys().meta(session))
-            .arg(&session.0)
-            .arg(self.keys().base(session))
-            .arg(KEY_TTL.as_millis() as u64);
-        if let Some((_, set)) = lock(&self.inner.opened)
-            .as_ref()
-            .filter(|(id, _)| id == session)
-        {
-            for value in set {
-                inv.arg(*value);
-            }
-        }
-        Ok(if int(&self.run(&inv).await?)? == 1 {
-            SessionState::Active
-        } else {
-            SessionState::Gone
-        })
-    }
-
-    async fn close_session(&self, session: &SessionId) -> Result<(), BrokerError> {
-        self.purge(session, false).await
-    }
-
     async fn submit(&self, session: &SessionId, jobs: Vec<NewJob>) -> Result<(), BrokerError> {
         for job in &jobs {
             too_large(job.payload.len())?;
@@ -1310,24 +1357,6 @@ impl Broker for RedisBroker {
         }
         Ok(())
     }
-
-    async fn publish_update(
-        &self,
-        session: &SessionId,
-        payload: Bytes,
-    ) -> Result<UpdateSeq, BrokerError> {
-        self.publish(session, None, payload).await
-    }
-
-    async fn publish_update_at(
-        &self,
-        session: &SessionId,
-        seq: UpdateSeq,
-        payload: Bytes,
-    ) -> Result<UpdateSeq, BrokerError> {
-        self.publish(session, Some(seq), payload).await
-    }
-
     async fn take_results(
         &self,
         session: &SessionId,
@@ -1399,218 +1428,6 @@ impl Broker for RedisBroker {
                 .await?;
         }
     }
-
-    async fn session_stats(&self, session: &SessionId) -> Result<SessionStats, BrokerError> {
-        let mut inv = SCRIPTS.stats.prepare_invoke();
-        inv.key(self.keys().meta(session))
-            .key(self.keys().nodes())
-            .arg(self.keys().base(session))
-            .arg(self.keys().node_prefix());
-        let [q, r, d, f, problems, statuses] = take::<6>(self.run_in(session, &inv).await?)?;
-        let count = |v: &Value| int(v).map(|i| usize::try_from(i).unwrap_or(0));
-        let mut stats = SessionStats {
-            queued: count(&q)?,
-            running: count(&r)?,
-            done: count(&d)?,
-            failed: count(&f)?,
-            problems: array(problems)?
-                .into_iter()
-                .map(|p| from_cbor::<NodeProblem>("a node problem", &bytes(p)?))
-                .collect::<Result<_, _>>()?,
-            ..SessionStats::default()
-        };
-        for raw in array(statuses)? {
-            let status: NodeStatus = match from_cbor("a node status", &bytes(raw)?) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "skipping a node status that cannot be read");
-                    continue;
-                }
-            };
-            stats.count_node(&status, session);
-        }
-        Ok(stats)
-    }
-
-    async fn reap_expired(&self) -> Result<usize, BrokerError> {
-        let mut reaped = 0;
-        let Some(session) = self.purge_dead().await? else {
-            return Ok(0);
-        };
-        // Expired leases exist only in the active session: the others were just purged.
-        let held = match self.pending(&session, "lease", "").await {
-            Err(BrokerError::SessionGone(_)) => return Ok(0),
-            other => other?,
-        };
-        for h in held {
-            match self
-                .end_attempt(&session, &h, AttemptEnd::LeaseExpired, true)
-                .await
-            {
-                Ok(Abandoned::Stale) | Err(BrokerError::SessionGone(_)) => {}
-                Ok(_) => {
-                    tracing::warn!(job = h.job, node = %h.node, attempt = h.attempt, "lease expired: job goes back to the queue");
-                    reaped += 1;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        reaped += self.reap_gone_nodes(&session).await?;
-        Ok(reaped)
-    }
-
-    async fn nodes(&self, within: Duration) -> Result<Vec<NodeSeen>, BrokerError> {
-        let mut inv = SCRIPTS.nodes.prepare_invoke();
-        inv.key(self.keys().nodes())
-            .arg(u64::try_from(within.as_millis()).unwrap_or(u64::MAX))
-            .arg(self.keys().node_prefix());
-        let mut items = array(self.run(&inv).await?)?.into_iter();
-        let now = int(&items.next().ok_or_else(|| bad("empty reply"))?)?;
-        let mut seen = Vec::new();
-        // One node's unreadable entry must not hide the others: it is skipped, and said.
-        let mut unreadable = 0usize;
-        for item in items {
-            let entry = (|| {
-                let [_, at, status] = take::<3>(item)?;
-                let Some(status) = opt_bytes(status)? else {
-                    return Ok(None);
-                };
-                let ago = u64::try_from(now.saturating_sub(int(&at)?)).unwrap_or(0);
-                Ok::<_, BrokerError>(Some(NodeSeen {
-                    status: from_cbor("a node status", &status)?,
-                    ago: Duration::from_millis(ago),
-                }))
-            })();
-            match entry {
-                Ok(Some(node)) => seen.push(node),
-                Ok(None) => {}
-                Err(e) => {
-                    unreadable += 1;
-                    tracing::debug!(error = %e, "a node entry cannot be read");
-                }
-            }
-        }
-        if unreadable > 0 {
-            tracing::warn!(
-                unreadable,
-                "skipped node entries in the broker that cannot be read"
-            );
-        }
-        seen.sort_by(|a, b| a.status.node.cmp(&b.status.node));
-        Ok(seen)
-    }
-
-    async fn heartbeat(&self, status: &NodeStatus) -> Result<(), BrokerError> {
-        let mut presence = self.inner.presence.lock().await;
-        if presence.as_ref().map(|(node, _)| node) != Some(&status.node) {
-            let name = self.presence_name(&status.node);
-            *presence = Some((status.node.clone(), self.conns().named(&name).await?));
-        }
-        let Some((_, conn)) = presence.as_mut() else {
-            return Err(bad("no presence connection"));
-        };
-        let beat = self.beat_on(conn, status).await;
-        if let Err(BrokerError::Connection(_)) = &beat {
-            // Broken: a new one next beat (the node is absent from CLIENT LIST meanwhile).
-            *presence = None;
-        }
-        drop(presence);
-        beat?;
-        if self.inner.beats.fetch_add(1, Ordering::Relaxed) % PURGE_EVERY == PURGE_EVERY - 1 {
-            self.purge_dead().await?;
-        }
-        Ok(())
-    }
-
-    async fn leave(&self, node: &NodeId) -> Result<(), BrokerError> {
-        let mut conn = self.conns().control().await?;
-        redis::pipe()
-            .cmd("ZREM")
-            .arg(self.keys().nodes())
-            .arg(&node.0)
-            .cmd("DEL")
-            .arg(self.keys().node(node))
-            .query_async::<Value>(&mut conn)
-            .await
-            .map_err(|e| self.conns().error(e))?;
-        drop(conn);
-        let (_, sessions) = self.sessions().await?;
-        for session in sessions {
-            let held = match self.pending(&session, "any", &node.0).await {
-                Err(BrokerError::SessionGone(_)) => continue,
-                other => other?,
-            };
-            for h in held {
-                match self
-                    .end_attempt(&session, &h, AttemptEnd::NodeLeft, false)
-                    .await
-                {
-                    Ok(_) | Err(BrokerError::SessionGone(_)) => {}
-                    Err(e) => return Err(e),
-                }
-            }
-        }
-        Ok(())
-    }
-
-    async fn active_session(&self, wait: Duration) -> Result<Option<SessionInfo>, BrokerError> {
-        let deadline = Instant::now() + wait;
-        let opened = self.keys().opened();
-        loop {
-            let mut inv = SCRIPTS.active.prepare_invoke();
-            inv.key(self.keys().active())
-                .key(&opened)
-                .arg(self.keys().prefix())
-                .arg(self.inline_max());
-            let mut items = array(self.run(&inv).await?)?.into_iter();
-            let flag = int(&items.next().ok_or_else(|| bad("empty reply"))?)?;
-            if flag == 1 {
-                let [id, n, len, data] = take::<4>(Value::Array(items.collect()))?;
-                let id = SessionId(string(id)?);
-                let spec = match opt_bytes(data)? {
-                    Some(data) => Bytes::from(data),
-                    None => {
-                        let key = format!("{}spec", self.keys().base(&id));
-                        match self.fetch(&key, uint(&n)?, uint(&len)?).await {
-                            Ok(spec) => spec,
-                            // Closed between the two reads: look again.
-                            Err(BrokerError::Protocol(_)) => continue,
-                            Err(e) => return Err(e),
-                        }
-                    }
-                };
-                return Ok(Some(SessionInfo {
-                    id,
-                    spec: from_cbor("a session spec", &spec)?,
-                }));
-            }
-            let last = string(items.next().ok_or_else(|| bad("no stream id"))?)?;
-            let now = Instant::now();
-            if now >= deadline {
-                return Ok(None);
-            }
-            let woke = self
-                .wait_streams(&[&opened], &[&last], deadline - now)
-                .await?;
-            if woke.is_empty() {
-                return Ok(None);
-            }
-        }
-    }
-
-    async fn report_problem(
-        &self,
-        session: &SessionId,
-        problem: NodeProblem,
-    ) -> Result<(), BrokerError> {
-        let mut inv = SCRIPTS.report_problem.prepare_invoke();
-        inv.key(self.keys().meta(session))
-            .arg(self.keys().base(session))
-            .arg(to_cbor(&problem)?);
-        self.run_in(session, &inv).await?;
-        Ok(())
-    }
-
     async fn take_jobs(
         &self,
         session: &SessionId,
@@ -1686,7 +1503,6 @@ impl Broker for RedisBroker {
                 .await?;
         }
     }
-
     async fn complete(&self, lease: &Lease, outcome: Outcome) -> Result<Completion, BrokerError> {
         let answers = self.complete_many(vec![(lease.clone(), outcome)]).await?;
         answers
@@ -1694,7 +1510,6 @@ impl Broker for RedisBroker {
             .next()
             .ok_or_else(|| bad("no answer for the outcome"))
     }
-
     async fn complete_many(
         &self,
         outcomes: Vec<(Lease, Outcome)>,
@@ -1725,7 +1540,6 @@ impl Broker for RedisBroker {
         }
         Ok(answers)
     }
-
     async fn abandon(&self, lease: &Lease, end: AttemptEnd) -> Result<Abandoned, BrokerError> {
         let held = Held {
             job: lease.job.0,
@@ -1736,7 +1550,25 @@ impl Broker for RedisBroker {
         };
         self.end_attempt(&lease.session, &held, end, false).await
     }
+}
 
+#[async_trait]
+impl UpdateLog for RedisBroker {
+    async fn publish_update(
+        &self,
+        session: &SessionId,
+        payload: Bytes,
+    ) -> Result<UpdateSeq, BrokerError> {
+        self.publish(session, None, payload).await
+    }
+    async fn publish_update_at(
+        &self,
+        session: &SessionId,
+        seq: UpdateSeq,
+        payload: Bytes,
+    ) -> Result<UpdateSeq, BrokerError> {
+        self.publish(session, Some(seq), payload).await
+    }
     async fn read_updates(
         &self,
         session: &SessionId,
@@ -1776,6 +1608,174 @@ impl Broker for RedisBroker {
             out.push((seq, payload));
         }
         Ok(out)
+    }
+}
+
+#[async_trait]
+impl NodeRegistry for RedisBroker {
+    async fn reap_expired(&self) -> Result<usize, BrokerError> {
+        let mut reaped = 0;
+        let Some(session) = self.purge_dead().await? else {
+            return Ok(0);
+        };
+        // Expired leases exist only in the active session: the others were just purged.
+        let held = match self.pending(&session, "lease", "").await {
+            Err(BrokerError::SessionGone(_)) => return Ok(0),
+            other => other?,
+        };
+        for h in held {
+            match self
+                .end_attempt(&session, &h, AttemptEnd::LeaseExpired, true)
+                .await
+            {
+                Ok(Abandoned::Stale) | Err(BrokerError::SessionGone(_)) => {}
+                Ok(_) => {
+                    tracing::warn!(job = h.job, node = %h.node, attempt = h.attempt, "lease expired: job goes back to the queue");
+                    reaped += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        reaped += self.reap_gone_nodes(&session).await?;
+        Ok(reaped)
+    }
+    async fn heartbeat(&self, status: &NodeStatus) -> Result<(), BrokerError> {
+        let mut presence = self.inner.presence.lock().await;
+        if presence.as_ref().map(|(node, _)| node) != Some(&status.node) {
+            let name = self.presence_name(&status.node);
+            *presence = Some((status.node.clone(), self.conns().named(&name).await?));
+        }
+        let Some((_, conn)) = presence.as_mut() else {
+            return Err(bad("no presence connection"));
+        };
+        let beat = self.beat_on(conn, status).await;
+        if let Err(BrokerError::Connection(_)) = &beat {
+            // Broken: a new one next beat (the node is absent from CLIENT LIST meanwhile).
+            *presence = None;
+        }
+        drop(presence);
+        beat?;
+        if self.inner.beats.fetch_add(1, Ordering::Relaxed) % PURGE_EVERY == PURGE_EVERY - 1 {
+            self.purge_dead().await?;
+        }
+        Ok(())
+    }
+    async fn leave(&self, node: &NodeId) -> Result<(), BrokerError> {
+        let mut conn = self.conns().control().await?;
+        redis::pipe()
+            .cmd("ZREM")
+            .arg(self.keys().nodes())
+            .arg(&node.0)
+            .cmd("DEL")
+            .arg(self.keys().node(node))
+            .query_async::<Value>(&mut conn)
+            .await
+            .map_err(|e| self.conns().error(e))?;
+        drop(conn);
+        let (_, sessions) = self.sessions().await?;
+        for session in sessions {
+            let held = match self.pending(&session, "any", &node.0).await {
+                Err(BrokerError::SessionGone(_)) => continue,
+                other => other?,
+            };
+            for h in held {
+                match self
+                    .end_attempt(&session, &h, AttemptEnd::NodeLeft, false)
+                    .await
+                {
+                    Ok(_) | Err(BrokerError::SessionGone(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(())
+    }
+    async fn report_problem(
+        &self,
+        session: &SessionId,
+        problem: NodeProblem,
+    ) -> Result<(), BrokerError> {
+        let mut inv = SCRIPTS.report_problem.prepare_invoke();
+        inv.key(self.keys().meta(session))
+            .arg(self.keys().base(session))
+            .arg(to_cbor(&problem)?);
+        self.run_in(session, &inv).await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Inspect for RedisBroker {
+    async fn session_stats(&self, session: &SessionId) -> Result<SessionStats, BrokerError> {
+        let mut inv = SCRIPTS.stats.prepare_invoke();
+        inv.key(self.keys().meta(session))
+            .key(self.keys().nodes())
+            .arg(self.keys().base(session))
+            .arg(self.keys().node_prefix());
+        let [q, r, d, f, problems, statuses] = take::<6>(self.run_in(session, &inv).await?)?;
+        let count = |v: &Value| int(v).map(|i| usize::try_from(i).unwrap_or(0));
+        let mut stats = SessionStats {
+            queued: count(&q)?,
+            running: count(&r)?,
+            done: count(&d)?,
+            failed: count(&f)?,
+            problems: array(problems)?
+                .into_iter()
+                .map(|p| from_cbor::<NodeProblem>("a node problem", &bytes(p)?))
+                .collect::<Result<_, _>>()?,
+            ..SessionStats::default()
+        };
+        for raw in array(statuses)? {
+            let status: NodeStatus = match from_cbor("a node status", &bytes(raw)?) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "skipping a node status that cannot be read");
+                    continue;
+                }
+            };
+            stats.count_node(&status, session);
+        }
+        Ok(stats)
+    }
+    async fn nodes(&self, within: Duration) -> Result<Vec<NodeSeen>, BrokerError> {
+        let mut inv = SCRIPTS.nodes.prepare_invoke();
+        inv.key(self.keys().nodes())
+            .arg(u64::try_from(within.as_millis()).unwrap_or(u64::MAX))
+            .arg(self.keys().node_prefix());
+        let mut items = array(self.run(&inv).await?)?.into_iter();
+        let now = int(&items.next().ok_or_else(|| bad("empty reply"))?)?;
+        let mut seen = Vec::new();
+        // One node's unreadable entry must not hide the others: it is skipped, and said.
+        let mut unreadable = 0usize;
+        for item in items {
+            let entry = (|| {
+                let [_, at, status] = take::<3>(item)?;
+                let Some(status) = opt_bytes(status)? else {
+                    return Ok(None);
+                };
+                let ago = u64::try_from(now.saturating_sub(int(&at)?)).unwrap_or(0);
+                Ok::<_, BrokerError>(Some(NodeSeen {
+                    status: from_cbor("a node status", &status)?,
+                    ago: Duration::from_millis(ago),
+                }))
+            })();
+            match entry {
+                Ok(Some(node)) => seen.push(node),
+                Ok(None) => {}
+                Err(e) => {
+                    unreadable += 1;
+                    tracing::debug!(error = %e, "a node entry cannot be read");
+                }
+            }
+        }
+        if unreadable > 0 {
+            tracing::warn!(
+                unreadable,
+                "skipped node entries in the broker that cannot be read"
+            );
+        }
+        seen.sort_by(|a, b| a.status.node.cmp(&b.status.node));
+        Ok(seen)
     }
 }
 

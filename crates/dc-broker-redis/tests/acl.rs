@@ -3,6 +3,7 @@
 //! without a single denial, and nothing else: every entry of `DENIED_COMMANDS`, any key outside
 //! the prefix, the `default` user. The admin user can do everything.
 
+use dc_core::broker::{Inspect, JobQueue, NodeRegistry, SessionControl, UpdateLog};
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -16,13 +17,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use dc_broker_redis::acl::{DENIED_COMMANDS, NODE_COMMANDS, render_acl};
 use dc_broker_redis::{RedisBroker, RedisOptions};
-use dc_core::Broker;
 use dc_core::JobFailure;
 use dc_core::broker::{
     Abandoned, AttemptEnd, Completion, JobId, JobOutcome, NewJob, NodeId, NodeProblem, NodeStatus,
     SessionSpec, SessionState, WorkerId, WorkerState, WorkerStatus,
 };
-use futures::future::LocalBoxFuture;
 use futures::{FutureExt, StreamExt};
 use redis::aio::MultiplexedConnection;
 use redis::{ErrorKind, ServerErrorKind, Value};
@@ -198,61 +197,6 @@ async fn node_broker(url: &str, prefix: &str, chunk_size: usize) -> RedisBroker 
 
 // ---- the node user runs the whole protocol ------------------------------------------------
 
-type Case = fn(Arc<dyn Broker>) -> LocalBoxFuture<'static, ()>;
-
-macro_rules! conformance_cases {
-    ($($case:ident),* $(,)?) => {
-        vec![$(
-            (stringify!($case), (|broker| dc_core::testing::$case(broker).boxed_local()) as Case)
-        ),*]
-    };
-}
-
-/// Every case of `dc_core::broker_conformance_tests!`.
-fn conformance() -> Vec<(&'static str, Case)> {
-    conformance_cases!(
-        one_session_at_a_time,
-        jobs_are_leased_once_each,
-        take_job_waits_then_gives_none,
-        take_job_wakes_on_submit,
-        results_first_writer_wins,
-        heartbeat_keeps_leases,
-        silent_node_loses_its_lease_and_late_result_is_fenced,
-        abandon_requeues_until_max_attempts,
-        node_leaving_requeues_without_counting,
-        worker_error_fails_at_once,
-        update_log_is_ordered_and_replayable,
-        jobs_carry_update_positions,
-        stats_count_workers_and_nodes,
-        nodes_are_listed_with_their_last_status,
-        session_expires_without_keep_alive,
-        closed_session_is_gone_for_nodes,
-        problems_reach_the_pool,
-        resubmitted_job_ids_are_ignored,
-        results_are_handed_out_once,
-        take_jobs_leases_a_batch_once_each,
-        complete_many_records_each_outcome,
-        returned_jobs_queue_again_unstarted,
-    )
-}
-
-/// The case names `dc_core::broker_conformance_tests!` lists, read from its source, so that a
-/// case added there and not here fails this test.
-fn suite_case_names() -> Option<BTreeSet<String>> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../dc-core/src/testing.rs");
-    let text = std::fs::read_to_string(path).ok()?;
-    let start = text.find("@cases $make;")? + "@cases $make;".len();
-    let end = start + text[start..].find(')')?;
-    Some(
-        text[start..end]
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(String::from)
-            .collect(),
-    )
-}
-
 fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
     p.downcast_ref::<String>()
         .cloned()
@@ -263,25 +207,18 @@ fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
 /// The conformance suite as the node user, four cases at a time, each under a prefix of its
 /// own below `dc:` (cases must not see each other's sessions).
 async fn run_conformance(url: &str) {
-    let cases = conformance();
-    if let Some(names) = suite_case_names() {
-        let ours: BTreeSet<String> = cases.iter().map(|(n, _)| n.to_string()).collect();
-        assert_eq!(
-            ours, names,
-            "the conformance case list here differs from broker_conformance_tests!"
-        );
-    }
+    let cases = dc_core::testing::all_cases();
     let count = cases.len();
     let started = Instant::now();
     let failures: Vec<String> = futures::stream::iter(cases.into_iter().enumerate())
-        .map(|(i, (name, case))| async move {
+        .map(|(i, case)| async move {
             let broker = node_broker(url, &format!("{PREFIX}:c{i}"), 16 << 20).await;
-            let outcome = AssertUnwindSafe(case(Arc::new(broker)))
+            let outcome = AssertUnwindSafe((case.run)(Arc::new(broker)))
                 .catch_unwind()
                 .await;
             outcome
                 .err()
-                .map(|p| format!("{name}: {}", panic_text(&*p)))
+                .map(|p| format!("{}: {}", case.name, panic_text(&*p)))
         })
         .buffer_unordered(4)
         .filter_map(|failed| async move { failed })

@@ -10,12 +10,12 @@
 //! first on every operation; then `DC_FUZZ_CASES` generated cases (20,000 by default: about
 //! half a minute in a debug build).
 
+use dc_core::broker::{Inspect, JobQueue, NodeRegistry, SessionControl, UpdateLog};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use dc_broker_redis::{RedisBroker, RedisOptions};
-use dc_core::Broker;
 use dc_core::broker::{JobId, Lease, NodeId, NodeStatus, SessionId, WorkerId};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};

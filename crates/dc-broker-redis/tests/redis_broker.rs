@@ -3,6 +3,7 @@
 
 mod common;
 
+use dc_core::broker::{Inspect, JobQueue, NodeRegistry, SessionControl, UpdateLog};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

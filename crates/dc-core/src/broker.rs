@@ -1,17 +1,20 @@
-//! The [`Broker`] trait every backend implements, and the wire types it moves.
+//! The [`Broker`] trait and the capability traits it is made of ([`SessionControl`],
+//! [`JobQueue`], [`UpdateLog`], [`NodeRegistry`], [`Inspect`]), which every backend implements,
+//! and the wire types they move.
 //!
 //! A broker holds, per pool *session*: a job queue, leases on taken jobs, an ordered update log,
 //! and results keyed by job id. The reliability model every backend keeps (and the conformance
 //! suite in `dc_core::testing` checks):
 //!
-//! - **One active session.** [`Broker::try_open_session`] opens a session only when none is
-//!   active; the pool retries until the active one closes or expires.
-//! - **Leases renewed by the node heartbeat.** [`Broker::take_job`] leases a job to a node with a
-//!   new attempt number; [`Broker::heartbeat`] renews every lease the node lists. A lease not
-//!   renewed within the session's `lease` period expires: [`Broker::reap_expired`] puts the job
-//!   back (or fails it after `max_attempts` failed attempts), never drops it.
-//! - **Fencing by attempt.** [`Broker::complete`] and [`Broker::abandon`] only count when the
-//!   lease's attempt is still the job's current one; a late result from an expired lease is
+//! - **One active session.** [`SessionControl::try_open_session`] opens a session only when
+//!   none is active; the pool retries until the active one closes or expires.
+//! - **Leases renewed by the node heartbeat.** [`JobQueue::take_jobs`] leases jobs to a node
+//!   with a new attempt number; [`NodeRegistry::heartbeat`] renews every lease the node lists.
+//!   A lease not renewed within the session's `lease` period expires: the job goes back (or
+//!   fails after `max_attempts` failed attempts), never dropped. The numbered contract is on
+//!   [`JobQueue`].
+//! - **Fencing by attempt.** [`JobQueue::complete`] and [`JobQueue::abandon`] only count when
+//!   the lease's attempt is still the job's current one; a late result from an expired lease is
 //!   discarded.
 //! - **First writer wins.** A job gets at most one result; later ones are discarded.
 //! - **Ordered update log.** Updates get sequence numbers 1, 2, 3…; every worker replays them
@@ -131,7 +134,7 @@ pub struct Lease {
     pub node: NodeId,
     /// The worker slot it is for.
     pub worker: WorkerId,
-    /// The backend's own handle for this lease (a Redis stream entry id…); opaque to callers.
+    /// The backend's own handle for this lease; opaque to callers, handed back as it came.
     pub token: String,
 }
 
@@ -440,96 +443,63 @@ pub enum SessionState {
     Gone,
 }
 
-/// A job broker: where pools put jobs and nodes take them. Object-safe: use `Arc<dyn Broker>`.
+/// A job broker: every capability a pool and its nodes use, plus the largest payload it
+/// carries. A backend implements the five capability traits and this one; callers hold an
+/// `Arc<dyn Broker>` (object-safe) and bring the capabilities they call into scope
+/// (`use dc_core::broker::*` or by name).
 ///
 /// Blocking reads (`wait` arguments) return early when something arrives and an empty answer
 /// when the wait ends; implementations must never block longer than `wait` plus one round trip.
-#[async_trait]
-pub trait Broker: Send + Sync + fmt::Debug + 'static {
+pub trait Broker:
+    SessionControl + JobQueue + UpdateLog + NodeRegistry + Inspect + fmt::Debug + 'static
+{
     /// Largest payload (job, result, update, init) this broker accepts, in bytes.
     fn max_payload(&self) -> usize;
+}
 
-    // ---- pool side -------------------------------------------------------------------------
-
+/// Sessions: at most one active at a time, kept alive by its pool, closed by it or expired.
+#[async_trait]
+pub trait SessionControl: Send + Sync {
     /// Open a session if none is active; `Ok(None)` when another one is.
     async fn try_open_session(
         &self,
         spec: &SessionSpec,
     ) -> Result<Option<SessionInfo>, BrokerError>;
-    /// Keep the session alive (the pool calls this every fraction of the lease).
+    /// Keep the session alive (the pool calls this every fraction of the lease). A session not
+    /// kept alive for its `lease` period is gone.
     async fn keep_session_alive(&self, session: &SessionId) -> Result<SessionState, BrokerError>;
     /// Close it: drop its queue, results and log; nodes stop its workers.
     async fn close_session(&self, session: &SessionId) -> Result<(), BrokerError>;
-    /// Queue jobs, in order.
-    async fn submit(&self, session: &SessionId, jobs: Vec<NewJob>) -> Result<(), BrokerError>;
-    /// Append an update to the session's log; returns its sequence number.
-    async fn publish_update(
-        &self,
-        session: &SessionId,
-        payload: Bytes,
-    ) -> Result<UpdateSeq, BrokerError>;
-    /// Append an update as number `seq` of the session's log, which holds `seq - 1` updates
-    /// when it is first called: called again after an answer lost on the way (a connection
-    /// dropped), it finds the update there and adds nothing, so a retry never publishes an
-    /// update twice. A log that holds fewer than `seq - 1` updates lost some:
-    /// [`BrokerError::SessionGone`]. The default, for a backend whose calls cannot fail
-    /// halfway, is [`Broker::publish_update`].
-    async fn publish_update_at(
-        &self,
-        session: &SessionId,
-        seq: UpdateSeq,
-        payload: Bytes,
-    ) -> Result<UpdateSeq, BrokerError> {
-        let _ = seq;
-        self.publish_update(session, payload).await
-    }
-    /// Take up to `max` results (each result is handed out once), waiting up to `wait`.
-    async fn take_results(
-        &self,
-        session: &SessionId,
-        max: usize,
-        wait: Duration,
-    ) -> Result<Vec<JobResult>, BrokerError>;
-    /// Counts of workers, nodes and jobs, and reported problems.
-    async fn session_stats(&self, session: &SessionId) -> Result<SessionStats, BrokerError>;
-    /// Of `jobs` (submitted to `session`, their results not yet handed out), those the broker
-    /// no longer holds in any form: neither queued, leased, nor finished with a result still to
-    /// hand out. A backend whose state can be lost or damaged (a server restarted from an old
-    /// snapshot, keys changed behind its back) repairs what it can and names the rest, and the
-    /// pool submits those again (it keeps their payloads); the default, for a backend that
-    /// loses nothing, is none. The pool asks only after a long stretch without any result.
-    async fn lost_jobs(
-        &self,
-        session: &SessionId,
-        jobs: &[JobId],
-    ) -> Result<Vec<JobId>, BrokerError> {
-        let _ = (session, jobs);
-        Ok(Vec::new())
-    }
-    /// Requeue (or fail) jobs whose lease expired; returns how many. Anyone may call it.
-    async fn reap_expired(&self) -> Result<usize, BrokerError>;
-    /// Nodes heard from within `within`, with their last status (for status output).
-    async fn nodes(&self, within: Duration) -> Result<Vec<NodeSeen>, BrokerError>;
-
-    // ---- node side -------------------------------------------------------------------------
-
-    /// Register or refresh a node, and renew exactly the leases it lists.
-    async fn heartbeat(&self, status: &NodeStatus) -> Result<(), BrokerError>;
-    /// A node leaves: its leases go back to the queue now (not counted as failures).
-    async fn leave(&self, node: &NodeId) -> Result<(), BrokerError>;
-    /// The active session, waiting up to `wait` for one to open.
+    /// The active session, waiting up to `wait` for one to open (nodes ask).
     async fn active_session(&self, wait: Duration) -> Result<Option<SessionInfo>, BrokerError>;
-    /// Tell the pool a node cannot serve it.
-    async fn report_problem(
-        &self,
-        session: &SessionId,
-        problem: NodeProblem,
-    ) -> Result<(), BrokerError>;
+}
+
+/// The job queue: jobs in, leases out, outcomes in, results out once each.
+///
+/// The lease contract, whatever keeps the leases:
+///
+/// 1. [`JobQueue::take_jobs`] leases each queued job to one worker of one node, with the job's
+///    attempt number (1, 2, …; a job given back unstarted keeps its number). No job is leased
+///    twice at once.
+/// 2. A lease stays valid for as long as its node's heartbeats ([`NodeRegistry::heartbeat`])
+///    list it, each within the session's `lease` period of the last, however long the job
+///    runs. A live node's job is never taken away.
+/// 3. A lease whose node stops renewing it expires after the `lease` period: the job is queued
+///    again, or fails for good once `max_attempts` attempts have failed; it is never dropped.
+///    A backend expires leases itself or in [`NodeRegistry::reap_expired`], which pools and
+///    nodes call every fraction of the lease.
+/// 4. An outcome counts only under the job's current lease: a late result or report under an
+///    expired or given-back lease is [`Completion::Discarded`] / [`Abandoned::Stale`].
+/// 5. A job gets at most one result, handed to the pool once by [`JobQueue::take_results`].
+#[async_trait]
+pub trait JobQueue: Send + Sync {
+    /// Queue jobs, in order. A job id already submitted to the session is ignored.
+    async fn submit(&self, session: &SessionId, jobs: Vec<NewJob>) -> Result<(), BrokerError>;
     /// Lease up to `max` queued jobs for `worker` on `node` at once, in queue order: at least
-    /// one when any is queued, waiting up to `wait` for the first (returns early with none when
-    /// an update is published, so idle workers apply it sooner; backends that cannot watch both
-    /// may wait the full `wait`). The node runs them one after another; each keeps its own lease
-    /// and outcome.
+    /// one when any is queued, waiting up to `wait` for the first. A backend that can watch the
+    /// update log too may return early with none when an update is published, so idle workers
+    /// apply it sooner. The node runs them one after another; each keeps its own lease and
+    /// outcome.
     ///
     /// # Errors
     /// [`BrokerError::SessionGone`] once the session closed.
@@ -541,7 +511,7 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
         max: usize,
         wait: Duration,
     ) -> Result<Vec<LeasedJob>, BrokerError>;
-    /// Lease the next job: [`Broker::take_jobs`] with `max` 1.
+    /// Lease the next job: [`JobQueue::take_jobs`] with `max` 1.
     ///
     /// # Errors
     /// [`BrokerError::SessionGone`] once the session closed.
@@ -560,7 +530,7 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
     }
     /// Record an attempt's outcome: a result (`Ok`) or the worker's error (`Err`, not retried).
     async fn complete(&self, lease: &Lease, outcome: Outcome) -> Result<Completion, BrokerError>;
-    /// Record several attempts' outcomes (as [`Broker::complete`] each), in one round trip
+    /// Record several attempts' outcomes (as [`JobQueue::complete`] each), in one round trip
     /// where the backend can; the answers come in the same order. On an error none, some or
     /// all may be recorded: calling again with the same outcomes is safe (a recorded one is
     /// then [`Completion::Discarded`]).
@@ -581,6 +551,54 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
     /// has the same attempt number, and nothing is added to its history. The returned lease is
     /// fenced all the same: a result sent under it is discarded.
     async fn abandon(&self, lease: &Lease, end: AttemptEnd) -> Result<Abandoned, BrokerError>;
+    /// Take up to `max` results (each result is handed out once), waiting up to `wait`.
+    async fn take_results(
+        &self,
+        session: &SessionId,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<JobResult>, BrokerError>;
+    /// Of `jobs` (submitted to `session`, their results not yet handed out), those the broker
+    /// no longer holds in any form: neither queued, leased, nor finished with a result still to
+    /// hand out. A backend whose state can be lost or damaged (a server restarted from an old
+    /// snapshot, keys changed behind its back) repairs what it can and names the rest, and the
+    /// pool submits those again (it keeps their payloads); the default, for a backend that
+    /// loses nothing, is none. The pool asks only after a long stretch without any result.
+    async fn lost_jobs(
+        &self,
+        session: &SessionId,
+        jobs: &[JobId],
+    ) -> Result<Vec<JobId>, BrokerError> {
+        let _ = (session, jobs);
+        Ok(Vec::new())
+    }
+}
+
+/// The session's update log: numbered 1, 2, 3… in the order published, replayed from the start
+/// by every worker that joins.
+#[async_trait]
+pub trait UpdateLog: Send + Sync {
+    /// Append an update to the session's log; returns its sequence number.
+    async fn publish_update(
+        &self,
+        session: &SessionId,
+        payload: Bytes,
+    ) -> Result<UpdateSeq, BrokerError>;
+    /// Append an update as number `seq` of the session's log, which holds `seq - 1` updates
+    /// when it is first called: called again after an answer lost on the way (a connection
+    /// dropped), it finds the update there and adds nothing, so a retry never publishes an
+    /// update twice. A log that holds fewer than `seq - 1` updates lost some:
+    /// [`BrokerError::SessionGone`]. The default, for a backend whose calls cannot fail
+    /// halfway, is [`UpdateLog::publish_update`].
+    async fn publish_update_at(
+        &self,
+        session: &SessionId,
+        seq: UpdateSeq,
+        payload: Bytes,
+    ) -> Result<UpdateSeq, BrokerError> {
+        let _ = seq;
+        self.publish_update(session, payload).await
+    }
     /// Updates after `after`, in order, at most `max`.
     async fn read_updates(
         &self,
@@ -588,4 +606,34 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
         after: UpdateSeq,
         max: usize,
     ) -> Result<Vec<(UpdateSeq, Bytes)>, BrokerError>;
+}
+
+/// Nodes: their presence, their leases (see [`JobQueue`] for the contract) and their problems.
+#[async_trait]
+pub trait NodeRegistry: Send + Sync {
+    /// Register or refresh a node, and renew exactly the leases its status lists.
+    async fn heartbeat(&self, status: &NodeStatus) -> Result<(), BrokerError>;
+    /// A node leaves: its leases go back to the queue now (not counted as failures).
+    async fn leave(&self, node: &NodeId) -> Result<(), BrokerError>;
+    /// Tell the pool a node cannot serve it.
+    async fn report_problem(
+        &self,
+        session: &SessionId,
+        problem: NodeProblem,
+    ) -> Result<(), BrokerError>;
+    /// Expire the leases not renewed in time (requeue or fail their jobs); returns how many.
+    /// Pools and nodes call it every fraction of the lease, so it must be safe from many
+    /// callers at once. The default does nothing, for a backend that expires leases itself.
+    async fn reap_expired(&self) -> Result<usize, BrokerError> {
+        Ok(0)
+    }
+}
+
+/// What the pool and `status` read about a session and the nodes.
+#[async_trait]
+pub trait Inspect: Send + Sync {
+    /// Counts of workers, nodes and jobs, and reported problems.
+    async fn session_stats(&self, session: &SessionId) -> Result<SessionStats, BrokerError>;
+    /// Nodes heard from within `within`, with their last status (for status output).
+    async fn nodes(&self, within: Duration) -> Result<Vec<NodeSeen>, BrokerError>;
 }

@@ -19,7 +19,7 @@ mod registry;
 pub mod testing;
 mod worker;
 
-pub use broker::Broker;
+pub use broker::{Broker, Inspect, JobQueue, NodeRegistry, SessionControl, UpdateLog};
 pub use error::{BrokerError, JobFailure, PoolError};
 pub use local::LocalBroker;
 pub use pool::{Connector, DEFAULT_PORT, LocalOnly, NetworkTarget, Pool, PoolBuilder, redact_url};

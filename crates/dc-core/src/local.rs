@@ -1,6 +1,7 @@
 //! [`LocalBroker`]: the in-process broker of a `local()` pool, and the reference backend of the
 //! conformance suite.
 
+use crate::broker::{Inspect, JobQueue, NodeRegistry, SessionControl, UpdateLog};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -242,12 +243,14 @@ impl JobEntry {
     }
 }
 
-#[async_trait]
 impl Broker for LocalBroker {
     fn max_payload(&self) -> usize {
         LOCAL_MAX_PAYLOAD
     }
+}
 
+#[async_trait]
+impl SessionControl for LocalBroker {
     async fn try_open_session(
         &self,
         spec: &SessionSpec,
@@ -285,7 +288,6 @@ impl Broker for LocalBroker {
         self.changed();
         Ok(Some(info))
     }
-
     async fn keep_session_alive(&self, session: &SessionId) -> Result<SessionState, BrokerError> {
         let mut st = self.lock();
         st.expire_sessions(Instant::now());
@@ -297,7 +299,6 @@ impl Broker for LocalBroker {
             None => SessionState::Gone,
         })
     }
-
     async fn close_session(&self, session: &SessionId) -> Result<(), BrokerError> {
         {
             let mut st = self.lock();
@@ -309,7 +310,21 @@ impl Broker for LocalBroker {
         self.changed();
         Ok(())
     }
+    async fn active_session(&self, wait: Duration) -> Result<Option<SessionInfo>, BrokerError> {
+        self.wait_for(wait, |st| {
+            st.expire_sessions(Instant::now());
+            Ok(st
+                .active
+                .as_ref()
+                .and_then(|id| st.sessions.get(id))
+                .map(|s| s.info.clone()))
+        })
+        .await
+    }
+}
 
+#[async_trait]
+impl JobQueue for LocalBroker {
     async fn submit(&self, session: &SessionId, jobs: Vec<NewJob>) -> Result<(), BrokerError> {
         {
             let mut st = self.lock();
@@ -342,22 +357,6 @@ impl Broker for LocalBroker {
         self.changed();
         Ok(())
     }
-
-    async fn publish_update(
-        &self,
-        session: &SessionId,
-        payload: Bytes,
-    ) -> Result<UpdateSeq, BrokerError> {
-        let seq = {
-            let mut st = self.lock();
-            let s = st.session(session)?;
-            s.updates.push(payload);
-            s.updates.len() as UpdateSeq
-        };
-        self.changed();
-        Ok(seq)
-    }
-
     async fn take_results(
         &self,
         session: &SessionId,
@@ -377,178 +376,6 @@ impl Broker for LocalBroker {
             .await?;
         Ok(found.unwrap_or_default())
     }
-
-    async fn session_stats(&self, session: &SessionId) -> Result<SessionStats, BrokerError> {
-        let st = self.lock();
-        let s = st.sessions.get(session).ok_or_else(|| gone(session))?;
-        let now = Instant::now();
-        let lease = s.info.spec.lease;
-        let mut stats = SessionStats {
-            done: s.done,
-            failed: s.failed,
-            problems: s.problems.clone(),
-            ..SessionStats::default()
-        };
-        for job in s.jobs.values() {
-            match job.state {
-                JobState::Queued => stats.queued += 1,
-                JobState::Leased { .. } => stats.running += 1,
-                JobState::Finished => {}
-            }
-        }
-        for node in st.nodes.values() {
-            if now.duration_since(node.last_seen) > lease {
-                continue;
-            }
-            stats.count_node(&node.status, session);
-        }
-        Ok(stats)
-    }
-
-    async fn reap_expired(&self) -> Result<usize, BrokerError> {
-        let now = Instant::now();
-        let mut reaped = 0;
-        {
-            let mut st = self.lock();
-            st.expire_sessions(now);
-            for s in st.sessions.values_mut() {
-                let lease = s.info.spec.lease;
-                let expired: Vec<(JobId, u32, NodeId, WorkerId)> = s
-                    .jobs
-                    .iter()
-                    .filter_map(|(id, j)| match &j.state {
-                        JobState::Leased {
-                            node,
-                            worker,
-                            renewed,
-                            ..
-                        } if now.duration_since(*renewed) > lease => {
-                            Some((*id, j.attempt, node.clone(), worker.clone()))
-                        }
-                        _ => None,
-                    })
-                    .collect();
-                for (job, attempt, node, worker) in expired {
-                    tracing::warn!(%job, %node, attempt, "lease expired: job goes back to the queue");
-                    s.end_attempt(
-                        job,
-                        AttemptRecord {
-                            attempt,
-                            node,
-                            worker,
-                            end: AttemptEnd::LeaseExpired,
-                        },
-                    );
-                    reaped += 1;
-                }
-            }
-        }
-        if reaped > 0 {
-            self.changed();
-        }
-        Ok(reaped)
-    }
-
-    async fn nodes(&self, within: Duration) -> Result<Vec<NodeSeen>, BrokerError> {
-        let st = self.lock();
-        let now = Instant::now();
-        let mut seen: Vec<NodeSeen> = st
-            .nodes
-            .values()
-            .filter(|n| now.duration_since(n.last_seen) <= within)
-            .map(|n| NodeSeen {
-                status: n.status.clone(),
-                ago: now.duration_since(n.last_seen),
-            })
-            .collect();
-        seen.sort_by(|a, b| a.status.node.cmp(&b.status.node));
-        Ok(seen)
-    }
-
-    async fn heartbeat(&self, status: &NodeStatus) -> Result<(), BrokerError> {
-        let now = Instant::now();
-        let mut st = self.lock();
-        for lease in &status.leases {
-            if lease.node != status.node {
-                continue;
-            }
-            if let Some(s) = st.sessions.get_mut(&lease.session)
-                && let Some(entry) = s.current(lease)
-                && let JobState::Leased { renewed, .. } = &mut entry.state
-            {
-                *renewed = now;
-            }
-        }
-        st.nodes.insert(
-            status.node.clone(),
-            NodeEntry {
-                status: status.clone(),
-                last_seen: now,
-            },
-        );
-        Ok(())
-    }
-
-    async fn leave(&self, node: &NodeId) -> Result<(), BrokerError> {
-        {
-            let mut st = self.lock();
-            st.nodes.remove(node);
-            for s in st.sessions.values_mut() {
-                let held: Vec<(JobId, u32, WorkerId)> = s
-                    .jobs
-                    .iter()
-                    .filter_map(|(id, j)| match &j.state {
-                        JobState::Leased {
-                            node: n, worker, ..
-                        } if n == node => Some((*id, j.attempt, worker.clone())),
-                        _ => None,
-                    })
-                    .collect();
-                for (job, attempt, worker) in held {
-                    s.end_attempt(
-                        job,
-                        AttemptRecord {
-                            attempt,
-                            node: node.clone(),
-                            worker,
-                            end: AttemptEnd::NodeLeft,
-                        },
-                    );
-                }
-            }
-        }
-        self.changed();
-        Ok(())
-    }
-
-    async fn active_session(&self, wait: Duration) -> Result<Option<SessionInfo>, BrokerError> {
-        self.wait_for(wait, |st| {
-            st.expire_sessions(Instant::now());
-            Ok(st
-                .active
-                .as_ref()
-                .and_then(|id| st.sessions.get(id))
-                .map(|s| s.info.clone()))
-        })
-        .await
-    }
-
-    async fn report_problem(
-        &self,
-        session: &SessionId,
-        problem: NodeProblem,
-    ) -> Result<(), BrokerError> {
-        {
-            let mut st = self.lock();
-            let s = st.session(session)?;
-            if !s.problems.contains(&problem) {
-                s.problems.push(problem);
-            }
-        }
-        self.changed();
-        Ok(())
-    }
-
     async fn take_jobs(
         &self,
         session: &SessionId,
@@ -602,7 +429,6 @@ impl Broker for LocalBroker {
             .await?;
         Ok(found.unwrap_or_default())
     }
-
     async fn complete(
         &self,
         lease: &Lease,
@@ -659,7 +485,6 @@ impl Broker for LocalBroker {
         self.changed();
         Ok(completion)
     }
-
     async fn abandon(&self, lease: &Lease, end: AttemptEnd) -> Result<Abandoned, BrokerError> {
         let result = {
             let mut st = self.lock();
@@ -680,7 +505,24 @@ impl Broker for LocalBroker {
         self.changed();
         Ok(result)
     }
+}
 
+#[async_trait]
+impl UpdateLog for LocalBroker {
+    async fn publish_update(
+        &self,
+        session: &SessionId,
+        payload: Bytes,
+    ) -> Result<UpdateSeq, BrokerError> {
+        let seq = {
+            let mut st = self.lock();
+            let s = st.session(session)?;
+            s.updates.push(payload);
+            s.updates.len() as UpdateSeq
+        };
+        self.changed();
+        Ok(seq)
+    }
     async fn read_updates(
         &self,
         session: &SessionId,
@@ -696,5 +538,166 @@ impl Broker for LocalBroker {
             .take(max)
             .map(|(i, u)| (i as UpdateSeq + 1, u.clone()))
             .collect())
+    }
+}
+
+#[async_trait]
+impl NodeRegistry for LocalBroker {
+    async fn reap_expired(&self) -> Result<usize, BrokerError> {
+        let now = Instant::now();
+        let mut reaped = 0;
+        {
+            let mut st = self.lock();
+            st.expire_sessions(now);
+            for s in st.sessions.values_mut() {
+                let lease = s.info.spec.lease;
+                let expired: Vec<(JobId, u32, NodeId, WorkerId)> = s
+                    .jobs
+                    .iter()
+                    .filter_map(|(id, j)| match &j.state {
+                        JobState::Leased {
+                            node,
+                            worker,
+                            renewed,
+                            ..
+                        } if now.duration_since(*renewed) > lease => {
+                            Some((*id, j.attempt, node.clone(), worker.clone()))
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                for (job, attempt, node, worker) in expired {
+                    tracing::warn!(%job, %node, attempt, "lease expired: job goes back to the queue");
+                    s.end_attempt(
+                        job,
+                        AttemptRecord {
+                            attempt,
+                            node,
+                            worker,
+                            end: AttemptEnd::LeaseExpired,
+                        },
+                    );
+                    reaped += 1;
+                }
+            }
+        }
+        if reaped > 0 {
+            self.changed();
+        }
+        Ok(reaped)
+    }
+    async fn heartbeat(&self, status: &NodeStatus) -> Result<(), BrokerError> {
+        let now = Instant::now();
+        let mut st = self.lock();
+        for lease in &status.leases {
+            if lease.node != status.node {
+                continue;
+            }
+            if let Some(s) = st.sessions.get_mut(&lease.session)
+                && let Some(entry) = s.current(lease)
+                && let JobState::Leased { renewed, .. } = &mut entry.state
+            {
+                *renewed = now;
+            }
+        }
+        st.nodes.insert(
+            status.node.clone(),
+            NodeEntry {
+                status: status.clone(),
+                last_seen: now,
+            },
+        );
+        Ok(())
+    }
+    async fn leave(&self, node: &NodeId) -> Result<(), BrokerError> {
+        {
+            let mut st = self.lock();
+            st.nodes.remove(node);
+            for s in st.sessions.values_mut() {
+                let held: Vec<(JobId, u32, WorkerId)> = s
+                    .jobs
+                    .iter()
+                    .filter_map(|(id, j)| match &j.state {
+                        JobState::Leased {
+                            node: n, worker, ..
+                        } if n == node => Some((*id, j.attempt, worker.clone())),
+                        _ => None,
+                    })
+                    .collect();
+                for (job, attempt, worker) in held {
+                    s.end_attempt(
+                        job,
+                        AttemptRecord {
+                            attempt,
+                            node: node.clone(),
+                            worker,
+                            end: AttemptEnd::NodeLeft,
+                        },
+                    );
+                }
+            }
+        }
+        self.changed();
+        Ok(())
+    }
+    async fn report_problem(
+        &self,
+        session: &SessionId,
+        problem: NodeProblem,
+    ) -> Result<(), BrokerError> {
+        {
+            let mut st = self.lock();
+            let s = st.session(session)?;
+            if !s.problems.contains(&problem) {
+                s.problems.push(problem);
+            }
+        }
+        self.changed();
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Inspect for LocalBroker {
+    async fn session_stats(&self, session: &SessionId) -> Result<SessionStats, BrokerError> {
+        let st = self.lock();
+        let s = st.sessions.get(session).ok_or_else(|| gone(session))?;
+        let now = Instant::now();
+        let lease = s.info.spec.lease;
+        let mut stats = SessionStats {
+            done: s.done,
+            failed: s.failed,
+            problems: s.problems.clone(),
+            ..SessionStats::default()
+        };
+        for job in s.jobs.values() {
+            match job.state {
+                JobState::Queued => stats.queued += 1,
+                JobState::Leased { .. } => stats.running += 1,
+                JobState::Finished => {}
+            }
+        }
+        for node in st.nodes.values() {
+            if now.duration_since(node.last_seen) > lease {
+                continue;
+            }
+            stats.count_node(&node.status, session);
+        }
+        Ok(stats)
+    }
+    async fn nodes(&self, within: Duration) -> Result<Vec<NodeSeen>, BrokerError> {
+        let st = self.lock();
+        let now = Instant::now();
+        let mut seen: Vec<NodeSeen> = st
+            .nodes
+            .values()
+            .filter(|n| now.duration_since(n.last_seen) <= within)
+            .map(|n| NodeSeen {
+                status: n.status.clone(),
+                ago: now.duration_since(n.last_seen),
+            })
+            .collect();
+        seen.sort_by(|a, b| a.status.node.cmp(&b.status.node));
+        Ok(seen)
     }
 }

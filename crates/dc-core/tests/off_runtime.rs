@@ -6,13 +6,14 @@
 //! runtime has seen it start: done on the runtime's one thread, that task could never run, and
 //! the payload gives up waiting and says so; done on a blocking thread, it goes through.
 
+use dc_core::broker::JobQueue;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use dc_core::broker::{NodeId, SessionId, WorkerId};
-use dc_core::{BoxError, Broker, LocalBroker, Pool, PoolError, Worker, WorkerContext};
+use dc_core::{BoxError, LocalBroker, Pool, PoolError, Worker, WorkerContext};
 use futures::StreamExt;
 use serde::de::{Deserialize, Deserializer};
 use serde::ser::{Error as _, Serialize, Serializer};
