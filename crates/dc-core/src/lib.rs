@@ -10,6 +10,8 @@
 pub mod agent;
 pub mod backoff;
 pub mod broker;
+#[doc(hidden)]
+pub mod util;
 mod error;
 mod local;
 mod pool;
