@@ -18,7 +18,7 @@ impl Backoff {
     pub fn new(min: Duration, max: Duration) -> Self {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
+            .map(|d| d.as_secs().wrapping_mul(1_000_000_007) ^ u64::from(d.subsec_nanos()))
             .unwrap_or(0);
         Backoff {
             min,

@@ -534,7 +534,7 @@ impl UpdateLog for LocalBroker {
         Ok(s.updates
             .iter()
             .enumerate()
-            .skip(after as usize)
+            .skip(usize::try_from(after).unwrap_or(usize::MAX))
             .take(max)
             .map(|(i, u)| (i as UpdateSeq + 1, u.clone()))
             .collect())

@@ -176,7 +176,8 @@ pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
     if len > MAX_FRAME {
         return Err(FrameError::TooLarge(len));
     }
-    buf[..4].copy_from_slice(&(len as u32).to_be_bytes());
+    let prefix = u32::try_from(len).map_err(|_| FrameError::TooLarge(len))?;
+    buf[..4].copy_from_slice(&prefix.to_be_bytes());
     Ok(buf)
 }
 
@@ -202,27 +203,30 @@ pub fn encode_frame_head<T: Serialize>(msg: &T, len: usize) -> Result<Vec<u8>, F
     if total > MAX_FRAME {
         return Err(FrameError::TooLarge(total));
     }
-    buf[..4].copy_from_slice(&(total as u32).to_be_bytes());
+    let prefix = u32::try_from(total).map_err(|_| FrameError::TooLarge(total))?;
+    buf[..4].copy_from_slice(&prefix.to_be_bytes());
     Ok(buf)
 }
 
 /// A CBOR item header: major type and argument, shortest form (as ciborium writes it).
 fn write_head(buf: &mut Vec<u8>, major: u8, arg: u64) {
     let m = major << 5;
+    // Big-endian: the argument's low bytes are the slice's tail.
+    let bytes = arg.to_be_bytes();
     match arg {
-        0..=23 => buf.push(m | arg as u8),
-        24..=0xff => buf.extend_from_slice(&[m | 24, arg as u8]),
+        0..=23 => buf.push(m | bytes[7]),
+        24..=0xff => buf.extend_from_slice(&[m | 24, bytes[7]]),
         0x100..=0xffff => {
             buf.push(m | 25);
-            buf.extend_from_slice(&(arg as u16).to_be_bytes());
+            buf.extend_from_slice(&bytes[6..]);
         }
         0x1_0000..=0xffff_ffff => {
             buf.push(m | 26);
-            buf.extend_from_slice(&(arg as u32).to_be_bytes());
+            buf.extend_from_slice(&bytes[4..]);
         }
         _ => {
             buf.push(m | 27);
-            buf.extend_from_slice(&arg.to_be_bytes());
+            buf.extend_from_slice(&bytes);
         }
     }
 }

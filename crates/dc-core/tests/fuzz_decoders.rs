@@ -119,7 +119,11 @@ fn decode_all(bytes: &[u8]) {
     let _ = ciborium::from_reader::<dc_core::broker::SessionSpec, _>(bytes);
     // As a frame: a 4-byte length prefix, then the body.
     let mut framed = Vec::with_capacity(bytes.len() + 4);
-    framed.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    framed.extend_from_slice(
+        &u32::try_from(bytes.len())
+            .expect("a test frame fits")
+            .to_be_bytes(),
+    );
     framed.extend_from_slice(bytes);
     let _ = protocol::read_frame_blocking::<FromWorker>(&mut Cursor::new(&framed));
     // And the bytes themselves read as a stream of frames (their first four bytes a length).
