@@ -574,6 +574,56 @@ mod tests {
     }
 
     #[test]
+    fn a_damaged_notice_fails_its_job_alone() {
+        let (keys, s) = session();
+        let sound = vec![
+            b("4"),
+            b("d"),
+            b(""),
+            b("1"),
+            b(""),
+            b("2"),
+            b("9"),
+            Value::Nil,
+            Value::Array(vec![]),
+        ];
+        let mut damaged = sound.clone();
+        damaged[0] = b("5");
+        damaged[1] = b("q");
+        let reply = Value::Array(vec![
+            Value::Int(1),
+            b("7-0"),
+            Value::Array(sound),
+            Value::Array(damaged),
+            Value::Array(vec![b("6")]),
+        ]);
+        let read = results_reply(reply, &keys, &s).expect("decodes");
+        assert_eq!(read.last, "7-0");
+        let notices = read.notices.expect("notices");
+        assert_eq!(notices.len(), 3);
+        let first = notices[0].as_ref().expect("sound");
+        assert!(matches!(&first.outcome,
+            Ok(Committed::Done(Payload::Chunked { key, n: 2, len: 9 })) if key == "dc:{s1}:out:4"));
+        let second = notices[1].as_ref().expect("its job id is sound");
+        assert_eq!(second.job, 5);
+        assert!(second.outcome.is_err());
+        assert!(notices[2].is_err());
+    }
+
+    #[test]
+    fn an_update_list_cut_short_is_refused() {
+        let (keys, s) = session();
+        let whole = Value::Array(vec![b("1"), b("x"), Value::Nil, Value::Nil]);
+        let rows = updates_reply(whole, &keys, &s).expect("one update");
+        assert!(matches!(&rows[0].payload, Payload::Inline(d) if d == b"x"));
+        let cut = Value::Array(vec![b("1"), b("x"), Value::Nil]);
+        assert!(matches!(
+            updates_reply(cut, &keys, &s),
+            Err(BrokerError::Protocol(_))
+        ));
+    }
+
+    #[test]
     fn completions_must_match_the_outcomes_sent() {
         let reply = Value::Array(vec![Value::Int(1), Value::Int(0)]);
         assert_eq!(
