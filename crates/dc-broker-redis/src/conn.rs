@@ -1,12 +1,39 @@
-//! Connections to Redis: one shared multiplexed connection for scripts and small commands
-//! (made on first use and kept), and free-lists of dedicated connections for blocking reads
-//! and bulk chunk transfers. Every connection is made within the broker's connect timeout,
-//! over TLS when the URL is `rediss://` or the options name a [`TlsTrust`].
+//! Connections to Redis. A broker uses three kinds, all made the same way (TCP, TLS when the
+//! URL is `rediss://` or the options name a [`TlsTrust`], then the log-in, within the connect
+//! timeout) and differing in what they carry and in their response timeout:
+//!
+//! 1. **The shared connection** carries every script and small command of a broker and its
+//!    clones: a multiplexed connection pipelines concurrent commands itself. It is made on first
+//!    use and kept, with no check per use (a check costs a round trip before each script);
+//!    a command that finds it broken drops it, and the next command makes a new one.
+//! 2. **Blocking connections** carry `XREAD BLOCK`: a read that blocks holds its connection,
+//!    so it never goes on the shared one. Response timeout: the read's wait plus 5 s, set per
+//!    read ([`Conns::arm`]).
+//! 3. **Bulk connections** carry chunk `HSET`/`HGET` of big payloads (response timeout 120 s),
+//!    so that 16 MiB chunks never delay the small commands behind them.
+//!
+//! Blocking and bulk connections are *dedicated*: each comes from a pool of its kind, a
+//! `deadpool` pool whose manager ([`Dialer`]) makes connections as above and recycles them
+//! without a check. The rules of these pools:
+//!
+//! 1. A holder hands its connection back by dropping it. After an error or a timeout it
+//!    [discards](Dedicated::discard) it instead (the connection may be out of step): the
+//!    connection leaves the pool and closes.
+//! 2. A pool holds at most [`POOL_MAX`] connections, in use and idle together. Every idle worker
+//!    slot of a node blocks on a connection of its own, so a node keeps about one per slot:
+//!    closing them after each wait made a 1,000-slot node reconnect (TCP, `AUTH`, `HELLO`) on
+//!    nearly every idle moment, which cost a quarter of its throughput.
+//! 3. A caller never waits for another's connection: when all [`POOL_MAX`] are in use, it gets
+//!    one of its own, made the same way and closed when dropped. So up to 1,024 worker slots
+//!    (and a pool's result reader) reuse their connections; slots beyond that reconnect for each
+//!    wait, and none blocks behind another.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dc_core::BrokerError;
+use dc_core::util::lock;
+use deadpool::managed::{self, Metrics, Object, Pool, PoolError, QueueMode, Timeouts};
 use redis::aio::MultiplexedConnection;
 use redis::{
     AsyncConnectionConfig, ConnectionAddr, ErrorKind, RedisConnectionInfo, RedisError,
@@ -19,44 +46,49 @@ use crate::tls::{TlsClient, TlsTrust};
 pub(crate) const BULK_TIMEOUT: Duration = Duration::from_secs(120);
 /// Added to a blocking read's wait for its response timeout.
 const BLOCK_SLACK: Duration = Duration::from_secs(5);
-/// Dedicated connections kept per free-list; more are closed when handed back. Every idle
-/// worker slot of a node blocks on a connection of its own, so a node keeps about one per slot:
-/// closing them after each wait made a 1,000-slot node reconnect (TCP, `AUTH`, `HELLO`) on
-/// nearly every idle moment, which cost a quarter of its throughput (`dc-cli bench` W6).
-const FREE_LIST_MAX: usize = 1024;
+/// Dedicated connections a pool holds, per kind (see the module docs).
+pub(crate) const POOL_MAX: usize = 1024;
+/// Checking a connection out of a pool never waits: a full pool answers at once.
+const NO_WAIT: Timeouts = Timeouts {
+    wait: Some(Duration::ZERO),
+    create: None,
+    recycle: None,
+};
 
 /// Every connection this broker opens.
 pub(crate) struct Conns {
+    server: Arc<Server>,
+    blocking: Pool<Dialer>,
+    bulk: Pool<Dialer>,
+}
+
+impl std::fmt::Debug for Conns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conns")
+            .field("target", &self.server.target)
+            .field("connect_timeout", &self.server.connect_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where the server is, how to log in, and the shared connection.
+struct Server {
     host: String,
     port: u16,
     /// How to log in (user, password, database), from the URL.
     login: RedisConnectionInfo,
     /// TLS, when the connections use it.
     tls: Option<TlsClient>,
-    /// The connection every script and small command goes through, shared by clones: a
-    /// multiplexed connection pipelines concurrent commands itself. Made like the dedicated
-    /// ones, within the connect timeout; dropped on a connection error, and the next command
-    /// makes a new one.
+    /// The shared connection (see the module docs), shared by clones of the broker.
     shared: Mutex<Option<MultiplexedConnection>>,
-    blocking: Mutex<Vec<MultiplexedConnection>>,
-    bulk: Mutex<Vec<MultiplexedConnection>>,
     connect_timeout: Duration,
     /// Response timeout of the shared and named connections (scripts and small commands).
     response_timeout: Duration,
     /// The URL with its password replaced, for messages.
-    pub(crate) target: String,
+    target: String,
 }
 
-impl std::fmt::Debug for Conns {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Conns")
-            .field("target", &self.target)
-            .field("connect_timeout", &self.connect_timeout)
-            .finish_non_exhaustive()
-    }
-}
-
-/// Which free-list a dedicated connection comes from.
+/// Which pool a dedicated connection comes from.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Kind {
     /// `XREAD BLOCK`: response timeout = wait + 5 s, set per use.
@@ -65,39 +97,90 @@ pub(crate) enum Kind {
     Bulk,
 }
 
-/// A dedicated connection; goes back to its free-list when dropped, unless discarded.
-pub(crate) struct Dedicated<'a> {
-    conn: Option<MultiplexedConnection>,
-    conns: &'a Conns,
-    kind: Kind,
-}
-
-impl Dedicated<'_> {
-    pub(crate) fn conn(&mut self) -> &mut MultiplexedConnection {
-        self.conn
-            .as_mut()
-            .expect("a dedicated connection is present until dropped or discarded")
-    }
-
-    /// Close it instead of reusing it (after an error or a timeout it may be out of step).
-    pub(crate) fn discard(mut self) {
-        self.conn = None;
-    }
-}
-
-impl Drop for Dedicated<'_> {
-    fn drop(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            let mut list = lock(self.conns.list(self.kind));
-            if list.len() < FREE_LIST_MAX {
-                list.push(conn);
-            }
+impl Kind {
+    /// The response timeout a new connection of this kind starts with.
+    fn response_timeout(self) -> Duration {
+        match self {
+            Kind::Blocking => BLOCK_SLACK,
+            Kind::Bulk => BULK_TIMEOUT,
         }
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+/// The manager of a dedicated pool: makes connections of one kind, recycles them unchecked.
+pub(crate) struct Dialer {
+    server: Arc<Server>,
+    kind: Kind,
+}
+
+impl std::fmt::Debug for Dialer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dialer")
+            .field("target", &self.server.target)
+            .field("kind", &self.kind)
+            .finish()
+    }
+}
+
+impl managed::Manager for Dialer {
+    type Type = MultiplexedConnection;
+    type Error = BrokerError;
+
+    async fn create(&self) -> Result<MultiplexedConnection, BrokerError> {
+        self.server.connect(self.kind.response_timeout()).await
+    }
+
+    async fn recycle(
+        &self,
+        _conn: &mut MultiplexedConnection,
+        _metrics: &Metrics,
+    ) -> managed::RecycleResult<BrokerError> {
+        // No check: a connection that broke while idle fails its next command, which
+        // discards it.
+        Ok(())
+    }
+}
+
+/// A dedicated connection; back to its pool when dropped, unless discarded.
+pub(crate) enum Dedicated {
+    /// Out of the pool.
+    Pooled(Object<Dialer>),
+    /// Made because the pool was full: closed when dropped.
+    Own(MultiplexedConnection),
+}
+
+impl std::fmt::Debug for Dedicated {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Dedicated::Pooled(_) => "Dedicated::Pooled",
+            Dedicated::Own(_) => "Dedicated::Own",
+        })
+    }
+}
+
+impl Dedicated {
+    pub(crate) fn conn(&mut self) -> &mut MultiplexedConnection {
+        match self {
+            Dedicated::Pooled(conn) => conn,
+            Dedicated::Own(conn) => conn,
+        }
+    }
+
+    /// Close it instead of reusing it (after an error or a timeout it may be out of step).
+    pub(crate) fn discard(self) {
+        match self {
+            Dedicated::Pooled(conn) => drop(Object::take(conn)),
+            Dedicated::Own(conn) => drop(conn),
+        }
+    }
+
+    /// Hand it back after success; discard it after an error.
+    pub(crate) fn finish<T>(self, result: redis::RedisResult<T>) -> redis::RedisResult<T> {
+        if result.is_err() {
+            self.discard();
+        }
+        result
+    }
 }
 
 impl Conns {
@@ -133,63 +216,80 @@ impl Conns {
             .map(|trust| TlsClient::new(&trust, &host, port))
             .transpose()
             .map_err(|e| BrokerError::Connection(format!("{target}: {e}")))?;
-        Ok(Conns {
+        let server = Arc::new(Server {
             host,
             port,
             // No CLIENT SETINFO: a head's node user may not run it.
             login: info.redis_settings().clone().set_skip_set_lib_name(),
             tls,
             shared: Mutex::new(None),
-            blocking: Mutex::new(Vec::new()),
-            bulk: Mutex::new(Vec::new()),
             connect_timeout,
             response_timeout,
             target,
+        });
+        let pool = |kind| {
+            let dialer = Dialer {
+                server: Arc::clone(&server),
+                kind,
+            };
+            // Most recently used first: the idle connections beyond the busiest moment's
+            // needs are the ones that stay unused.
+            Pool::builder(dialer)
+                .max_size(POOL_MAX)
+                .queue_mode(QueueMode::Lifo)
+                .build()
+                .map_err(|e| BrokerError::Connection(format!("{}: {e}", server.target)))
+        };
+        Ok(Conns {
+            blocking: pool(Kind::Blocking)?,
+            bulk: pool(Kind::Bulk)?,
+            server,
         })
     }
 
-    fn list(&self, kind: Kind) -> &Mutex<Vec<MultiplexedConnection>> {
-        match kind {
-            Kind::Blocking => &self.blocking,
-            Kind::Bulk => &self.bulk,
-        }
+    /// The URL with its password replaced, for messages.
+    pub(crate) fn target(&self) -> &str {
+        &self.server.target
     }
 
     /// The shared connection for scripts and small commands (a clone: commands from many
     /// tasks are pipelined on it).
     pub(crate) async fn control(&self) -> Result<MultiplexedConnection, BrokerError> {
-        if let Some(conn) = lock(&self.shared).as_ref() {
+        if let Some(conn) = lock(&self.server.shared).as_ref() {
             return Ok(conn.clone());
         }
-        let conn = self.connect(self.response_timeout).await?;
+        let conn = self.server.connect(self.server.response_timeout).await?;
         // Two tasks may have connected at once: keep the first, drop the other.
-        Ok(lock(&self.shared).get_or_insert(conn).clone())
+        Ok(lock(&self.server.shared).get_or_insert(conn).clone())
     }
 
-    /// A dedicated connection from the free-list of `kind`, connecting a new one if it is empty.
-    pub(crate) async fn dedicated(&self, kind: Kind) -> Result<Dedicated<'_>, BrokerError> {
-        let reused = lock(self.list(kind)).pop();
-        let conn = match reused {
-            Some(conn) => conn,
-            None => {
-                self.connect(match kind {
-                    Kind::Blocking => BLOCK_SLACK,
-                    Kind::Bulk => BULK_TIMEOUT,
-                })
-                .await?
-            }
+    /// A dedicated connection of `kind`: an idle one from its pool, a new one in the pool, or,
+    /// when the pool is full, a new one of its own.
+    pub(crate) async fn dedicated(&self, kind: Kind) -> Result<Dedicated, BrokerError> {
+        let pool = match kind {
+            Kind::Blocking => &self.blocking,
+            Kind::Bulk => &self.bulk,
         };
-        Ok(Dedicated {
-            conn: Some(conn),
-            conns: self,
-            kind,
-        })
+        match pool.timeout_get(&NO_WAIT).await {
+            Ok(conn) => Ok(Dedicated::Pooled(conn)),
+            Err(PoolError::Backend(e)) => Err(e),
+            Err(PoolError::Timeout(_)) => self
+                .server
+                .connect(kind.response_timeout())
+                .await
+                .map(Dedicated::Own),
+            // The pool is never closed and has no hooks.
+            Err(other) => Err(BrokerError::Connection(format!(
+                "{}: {other}",
+                self.server.target
+            ))),
+        }
     }
 
     /// A new connection of its own, named with `CLIENT SETNAME` so that the server (and
     /// `CLIENT LIST`) can tell whose it is; it closes when its holder's process dies.
     pub(crate) async fn named(&self, name: &str) -> Result<MultiplexedConnection, BrokerError> {
-        let mut conn = self.connect(self.response_timeout).await?;
+        let mut conn = self.server.connect(self.server.response_timeout).await?;
         redis::cmd("CLIENT")
             .arg("SETNAME")
             .arg(name)
@@ -204,9 +304,25 @@ impl Conns {
         &self,
         response_timeout: Duration,
     ) -> Result<MultiplexedConnection, BrokerError> {
-        self.connect(response_timeout).await
+        self.server.connect(response_timeout).await
     }
 
+    /// Set a blocking connection's response timeout for a read that blocks up to `wait`.
+    pub(crate) fn arm(conn: &mut Dedicated, wait: Duration) {
+        conn.conn().set_response_timeout(wait + BLOCK_SLACK);
+    }
+
+    pub(crate) fn timed_out(&self) -> BrokerError {
+        self.server.timed_out()
+    }
+
+    /// Classify a Redis error: auth, connection trouble (transient), session gone, or protocol.
+    pub(crate) fn error(&self, e: RedisError) -> BrokerError {
+        self.server.error(e)
+    }
+}
+
+impl Server {
     /// A new connection (TCP, TLS when set, then the log-in), within the connect timeout.
     async fn connect(
         &self,
@@ -258,20 +374,16 @@ impl Conns {
         BrokerError::Connection(format!("{}: TLS handshake: {e}", self.target))
     }
 
-    /// Set a blocking connection's response timeout for a read that blocks up to `wait`.
-    pub(crate) fn arm(conn: &mut Dedicated<'_>, wait: Duration) {
-        conn.conn().set_response_timeout(wait + BLOCK_SLACK);
-    }
-
-    pub(crate) fn timed_out(&self) -> BrokerError {
+    fn timed_out(&self) -> BrokerError {
         BrokerError::Connection(format!(
             "{}: no answer within {:?}",
             self.target, self.connect_timeout
         ))
     }
 
-    /// Classify a Redis error: auth, connection trouble (transient), session gone, or protocol.
-    pub(crate) fn error(&self, e: RedisError) -> BrokerError {
+    /// Classify a Redis error (see [`Conns::error`]); on connection trouble the shared
+    /// connection is dropped, since it may be the broken one.
+    fn error(&self, e: RedisError) -> BrokerError {
         let code = e.code().unwrap_or_default();
         let text = e.to_string();
         if e.kind() == ErrorKind::AuthenticationFailed
