@@ -215,7 +215,7 @@ impl RedisProcess {
     /// # Errors
     /// When waiting for it fails at the OS level.
     pub async fn terminate(&mut self) -> std::io::Result<std::process::ExitStatus> {
-        dc_gpu::proc::stop_group(&mut self.child, Duration::from_secs(5)).await
+        dc_proc::stop_group(&mut self.child, Duration::from_secs(5)).await
     }
 
     /// Wait until it exits.
@@ -397,7 +397,7 @@ pub async fn start_redis_server(
     write_new_file(&dir, "redis.conf", conf.as_bytes()).map_err(io(&conf_path))?;
     let _ = std::fs::remove_file(&log_path);
 
-    let mut child = dc_gpu::proc::spawn_service(dc_gpu::proc::SpawnSpec {
+    let mut child = dc_proc::spawn_service(dc_proc::SpawnSpec {
         program: program.clone(),
         args: vec![conf_path.clone().into_os_string()],
         env: vec![],
@@ -414,7 +414,7 @@ pub async fn start_redis_server(
         if let Ok(Some(status)) = child.try_wait() {
             return Err(ServerError::DidNotStart {
                 port,
-                reason: format!("it {}", dc_gpu::proc::describe_exit(&status)),
+                reason: format!("it {}", dc_proc::describe_exit(&status)),
                 log_tail: log_tail(&log_path),
             });
         }
@@ -432,7 +432,7 @@ pub async fn start_redis_server(
             return Ok(Some(RedisProcess { child, port, dir }));
         }
         if started.elapsed() > Duration::from_secs(15) {
-            let _ = dc_gpu::proc::stop_group(&mut child, Duration::from_secs(1)).await;
+            let _ = dc_proc::stop_group(&mut child, Duration::from_secs(1)).await;
             return Err(ServerError::DidNotStart {
                 port,
                 reason: "no answer within 15 s".into(),

@@ -1,12 +1,20 @@
-//! Spawning isolated worker processes, and stopping them.
+//! Supervised child processes for distributed-computing: spawning isolated worker processes
+//! (and services such as the head node's redis-server), and stopping them.
 //!
-//! Every worker process gets its own process group (so a stop reaches the grandchildren a
-//! user's code starts, such as data loaders), a parent-death signal (so a node killed by SIGKILL
-//! leaves no worker holding GPU memory), and one end of a Unix socket as file descriptor
-//! [`CHANNEL_FD`]: the dedicated channel for protocol frames, since user code prints to stdout.
+//! Every spawned process:
 //!
-//! `PR_SET_PDEATHSIG` fires when the *thread* that forked the child exits, not the process, so
-//! all spawns go through one long-lived supervisor thread that never exits.
+//! 1. is forked from one long-lived supervisor thread, because `PR_SET_PDEATHSIG` fires when the
+//!    *thread* that forked the child exits, not the process;
+//! 2. gets its own process group, so a stop reaches the grandchildren a user's code starts (such
+//!    as data loaders);
+//! 3. gets `PR_SET_PDEATHSIG = SIGKILL`, so a node killed by SIGKILL leaves no worker holding GPU
+//!    memory, and exits at once if its parent died before the signal was set;
+//! 4. loses the pool's secrets ([`SECRET_ENV`]) from its environment;
+//! 5. as a worker, gets one end of a Unix socket as file descriptor [`CHANNEL_FD`]: the dedicated
+//!    channel for protocol frames, since user code prints to stdout.
+//!
+//! A stop ([`stop_group`]) sends SIGTERM to the group, waits a grace period, then sends SIGKILL
+//! to the group and reaps the child.
 
 use std::ffi::OsString;
 use std::io;
@@ -145,7 +153,7 @@ pub async fn spawn_service(spec: SpawnSpec) -> io::Result<Child> {
 pub const SECRET_ENV: &[&str] = &["DC_PASSWORD", "DC_TOKEN"];
 
 fn spawn_here(spec: SpawnSpec, kind: SpawnKind) -> io::Result<(Child, Option<UnixStream>)> {
-    let parent_pid = std::process::id() as libc::pid_t;
+    let parent_pid = libc::pid_t::try_from(std::process::id()).map_err(io::Error::other)?;
     let mut cmd = Command::new(&spec.program);
     cmd.args(&spec.args);
     // The node's secrets stay with the node: job code and the pool server never see them.
@@ -166,9 +174,12 @@ fn spawn_here(spec: SpawnSpec, kind: SpawnKind) -> io::Result<(Child, Option<Uni
         SpawnKind::Service => None,
     };
     let child_fd = channel.as_ref().map(|(_, theirs)| theirs.as_raw_fd());
-    // SAFETY: the closure runs in the forked child before exec and only makes
-    // async-signal-safe system calls (prctl, getppid, dup2, fcntl, _exit); it allocates nothing.
-    #[allow(unsafe_code)]
+    #[expect(
+        unsafe_code,
+        reason = "pre_exec runs in the forked child; the closure only makes async-signal-safe \
+                  system calls (prctl, getppid, fcntl, dup2, _exit) on values copied in before \
+                  the fork, and allocates nothing"
+    )]
     unsafe {
         cmd.pre_exec(move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
@@ -225,6 +236,7 @@ pub async fn stop_group(child: &mut Child, grace: Duration) -> io::Result<ExitSt
 }
 
 /// How a process ended, in words: "exited with code 3", "killed by signal 9 (SIGKILL)".
+#[must_use]
 pub fn describe_exit(status: &ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     if let Some(code) = status.code() {
@@ -260,13 +272,81 @@ pub fn take_inherited_channel() -> Option<UnixStream> {
     if TAKEN.swap(true, Ordering::SeqCst) {
         return None;
     }
-    // SAFETY: the descriptor was checked to be an open socket, and the flag above makes this the
-    // only place that ever takes ownership of it.
-    #[allow(unsafe_code)]
+    #[expect(
+        unsafe_code,
+        reason = "from_raw_fd takes ownership of a descriptor checked to be an open socket, \
+                  and the TAKEN flag makes this the only owner it ever gets"
+    )]
     let stream = unsafe { <UnixStream as std::os::fd::FromRawFd>::from_raw_fd(fd) };
     let _ = nix::fcntl::fcntl(
         stream.as_raw_fd(),
         nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
     );
     Some(stream)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::io::Read;
+    use std::time::Instant;
+
+    use super::*;
+
+    fn sh(script: &str) -> SpawnSpec {
+        SpawnSpec {
+            program: "/bin/sh".into(),
+            args: vec!["-c".into(), script.into()],
+            env: vec![("DC_TEST_GREETING".to_owned(), "hello".to_owned())],
+        }
+    }
+
+    #[test]
+    fn exits_are_described_by_code_or_signal() {
+        let status = |script: &str| {
+            std::process::Command::new("/bin/sh")
+                .args(["-c", script])
+                .status()
+                .unwrap()
+        };
+        assert_eq!(describe_exit(&status("exit 3")), "exited with code 3");
+        assert_eq!(
+            describe_exit(&status("kill -9 $$")),
+            "killed by signal 9 (SIGKILL)"
+        );
+    }
+
+    #[tokio::test]
+    async fn worker_gets_its_channel_on_fd_3_and_its_env() {
+        let script = "printf '%s %s' \"$DC_WORKER_FD\" \"$DC_TEST_GREETING\" >&3";
+        let mut worker = spawn_isolated(sh(script)).await.unwrap();
+        assert_eq!(worker.child.id(), Some(worker.pid));
+        let status = worker.child.wait().await.unwrap();
+        assert!(status.success(), "{}", describe_exit(&status));
+        let mut said = String::new();
+        worker.channel.read_to_string(&mut said).unwrap();
+        assert_eq!(said, "3 hello");
+    }
+
+    #[tokio::test]
+    async fn stop_escalates_to_kill_when_term_is_ignored() {
+        let mut obeys = spawn_service(sh("exec sleep 30")).await.unwrap();
+        let status = stop_group(&mut obeys, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(describe_exit(&status), "killed by signal 15 (SIGTERM)");
+
+        let mut ignores = spawn_isolated(sh("trap '' TERM; echo ready >&3; sleep 30; exit 0"))
+            .await
+            .unwrap();
+        // Stop only once the shell has installed its trap.
+        let mut ready = [0; 6];
+        ignores.channel.read_exact(&mut ready).unwrap();
+        assert_eq!(&ready, b"ready\n");
+        let started = Instant::now();
+        let grace = Duration::from_millis(300);
+        let status = stop_group(&mut ignores.child, grace).await.unwrap();
+        assert!(started.elapsed() >= grace);
+        assert_eq!(describe_exit(&status), "killed by signal 9 (SIGKILL)");
+    }
 }
