@@ -10,8 +10,6 @@
 pub mod agent;
 pub mod backoff;
 pub mod broker;
-#[doc(hidden)]
-pub mod util;
 mod error;
 mod local;
 mod pool;
@@ -19,6 +17,8 @@ pub mod protocol;
 mod registry;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+#[doc(hidden)]
+pub mod util;
 mod worker;
 
 pub use broker::{Broker, Inspect, JobQueue, NodeRegistry, SessionControl, UpdateLog};
