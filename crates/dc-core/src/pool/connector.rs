@@ -136,7 +136,71 @@ impl Connector for LocalOnly {
 
 #[cfg(test)]
 mod tests {
-    use super::redact_url;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::{Connector, NetworkTarget, redact_url};
+    use crate::{BoxError, Broker, LocalBroker, Pool, PoolError, Worker, WorkerContext};
+
+    struct Echo;
+
+    impl Worker for Echo {
+        const KIND: &'static str = "echo";
+        type Init = ();
+        type Job = u32;
+        type Output = u32;
+        type Update = ();
+        fn new(_: (), _: &WorkerContext) -> Result<Self, BoxError> {
+            Ok(Echo)
+        }
+        fn run(&mut self, job: u32) -> Result<u32, BoxError> {
+            Ok(job)
+        }
+    }
+
+    /// Reaches one in-process broker whatever the target, counting the calls.
+    #[derive(Debug, Default)]
+    struct Counting {
+        calls: AtomicUsize,
+        url: std::sync::Mutex<Option<String>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Connector for Counting {
+        async fn connect(&self, target: &NetworkTarget) -> Result<Arc<dyn Broker>, PoolError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            *crate::util::lock(&self.url) = target.url.clone();
+            Ok(Arc::new(LocalBroker::new()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_network_target_goes_through_the_builders_connector() {
+        let refused = Pool::<Echo>::builder(())
+            .broker("redis://:pw@host:6379")
+            .connect()
+            .await;
+        match refused {
+            Err(PoolError::Config(message)) => {
+                assert!(message.contains("no broker backend"), "{message}");
+                assert!(!message.contains("pw@"), "the password leaked: {message}");
+            }
+            other => panic!("LocalOnly must refuse a URL, got {other:?}"),
+        }
+        let connector = Arc::new(Counting::default());
+        let pool = Pool::<Echo>::builder(())
+            .broker("redis://host:6379")
+            .connector(connector.clone())
+            .connect()
+            .await
+            .expect("the connector's broker");
+        assert_eq!(connector.calls.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            crate::util::lock(&connector.url).as_deref(),
+            Some("redis://host:6379")
+        );
+        pool.close().await.expect("close");
+    }
 
     #[test]
     fn urls_lose_their_password_in_logs() {
