@@ -215,3 +215,69 @@ pub(crate) fn classify(e: BrokerError) -> PoolError {
         other => PoolError::Broker(other),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use dc_core::{BoxError, PoolError, Worker, WorkerContext};
+
+    use super::Backends;
+    use crate::Pool;
+
+    struct Echo;
+
+    impl Worker for Echo {
+        const KIND: &'static str = "echo";
+        type Init = ();
+        type Job = u32;
+        type Output = u32;
+        type Update = ();
+        fn new(_: (), _: &WorkerContext) -> Result<Self, BoxError> {
+            Ok(Echo)
+        }
+        fn run(&mut self, job: u32) -> Result<u32, BoxError> {
+            Ok(job)
+        }
+    }
+
+    /// The error of a `rediss://` pool with these CA files (neither exists, so the error names
+    /// the one that was used).
+    async fn refusal(backends_ca: &str, builder_ca: Option<&str>) -> String {
+        let mut builder = Pool::<Echo>::builder(())
+            .broker("rediss://127.0.0.1:9")
+            .connect_timeout(Duration::from_millis(300))
+            .backends(Backends::new().tls_ca(backends_ca));
+        if let Some(ca) = builder_ca {
+            builder = builder.tls_ca(ca);
+        }
+        match builder.connect().await {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("nothing serves rediss:// on port 9"),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_backends_ca_file_applies_unless_the_builder_names_one() {
+        let used = refusal("/nonexistent/backends-ca.pem", None).await;
+        assert!(used.contains("backends-ca.pem"), "{used}");
+        let used = refusal(
+            "/nonexistent/backends-ca.pem",
+            Some("/nonexistent/builder-ca.pem"),
+        )
+        .await;
+        assert!(used.contains("builder-ca.pem"), "{used}");
+    }
+
+    #[tokio::test]
+    async fn a_facade_pool_reaches_urls_without_naming_a_connector() {
+        let refused = Pool::<Echo>::builder(())
+            .broker("amqp://head:5672")
+            .connect()
+            .await;
+        let Err(PoolError::Config(message)) = refused else {
+            panic!("amqp:// is refused by Backends, not LocalOnly: {refused:?}")
+        };
+        assert!(message.contains("RabbitMQ"), "{message}");
+    }
+}
