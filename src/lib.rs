@@ -13,6 +13,7 @@ mod backends;
 mod bench;
 mod cli;
 mod node;
+mod pool;
 
 pub use backends::{Backends, broker_from_url, connect_target};
 pub use cli::{main_with, main_with_args};
@@ -22,6 +23,7 @@ pub use node::{
     is_node_running_in, is_server_running, node_pid, node_pid_checked, read_join_token,
     start_head_node, start_node, start_redis, start_server,
 };
+pub use pool::{Pool, PoolBuilder};
 
 pub use dc_broker_redis::server::RedisProcess;
 pub use dc_broker_redis::token::JoinToken;
@@ -34,13 +36,6 @@ pub use dc_core::{
     NetworkTarget, PoolError, Registry, Worker, WorkerContext, redact_url,
 };
 pub use dc_gpu::{GpuDevice, GpuSelection};
-
-/// A pool of workers of kind `W`, reaching head nodes and brokers through [`Backends`].
-/// See [`dc_core::Pool`] for its methods.
-pub type Pool<W> = dc_core::Pool<W, Backends>;
-
-/// Builds a [`Pool`]. See [`dc_core::PoolBuilder`] for its options.
-pub type PoolBuilder<W> = dc_core::PoolBuilder<W, Backends>;
 
 /// GPU discovery and worker-process isolation.
 pub mod gpu {
