@@ -179,7 +179,7 @@ pub struct AgentConfig {
     pub hello_timeout: Duration,
     /// Benchmarks only: slots run no process; each job completes at once with its payload as
     /// its output. Measures the agent and broker alone (`dc-cli bench` W6).
-    pub simulate: bool,
+    simulated: bool,
 }
 
 impl AgentConfig {
@@ -202,8 +202,16 @@ impl AgentConfig {
             stop_grace: Duration::from_secs(5),
             init_attempts: 3,
             hello_timeout: Duration::from_secs(30),
-            simulate: false,
+            simulated: false,
         }
+    }
+
+    /// Benchmarks only: slots answer each job at once with its payload, without a worker
+    /// process, so that a benchmark measures the agent and the broker alone.
+    #[cfg(feature = "testing")]
+    #[doc(hidden)]
+    pub fn set_simulated(&mut self, on: bool) {
+        self.simulated = on;
     }
 
     fn command_for(&self, kind: &str) -> Option<&WorkerCommand> {

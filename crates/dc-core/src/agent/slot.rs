@@ -36,7 +36,7 @@ pub(super) async fn run_slot(
 ) {
     let node = shared.config.node_id.clone();
     let worker_id = WorkerId(format!("{node}/{slot}"));
-    if shared.config.simulate {
+    if shared.config.simulated {
         run_simulated_slot(&shared, &info, slot, &worker_id, &mut cancel).await;
         return;
     }
