@@ -644,7 +644,7 @@ fn cpu_agent(
         vec![BENCH_KIND.to_string()],
         vec![SlotSpec::for_device(None); slots],
     );
-    config.simulate = simulate;
+    config.set_simulated(simulate);
     Ok(spawn_agent(broker, config))
 }
 
