@@ -25,7 +25,7 @@ use sha2::{Digest, Sha256};
 /// Commands (and subcommands, as `client|setname`) a node or pool runs: the whole protocol.
 ///
 /// Each group below says what uses it: the redis crate's connection set-up, `RedisBroker`'s own
-/// commands (`broker.rs`, `conn.rs`), the `redis.call`/`redis.pcall` of the Lua scripts
+/// commands (`broker/`, `conn.rs`), the `redis.call`/`redis.pcall` of the Lua scripts
 /// (`lua/*.lua`; a script runs with its caller's permissions, command by command and key by
 /// key), and the raw Redis baselines of `dc-cli bench`.
 pub const NODE_COMMANDS: &[&str] = &[
@@ -524,10 +524,25 @@ mod tests {
                 }
             }
         }
-        // The facade's benchmark runs raw Redis baselines as the same user.
-        if let Some(text) = read(&crate_dir().join("../../src/bench.rs")) {
-            used.extend(rust_commands(&text));
+        // The facade's benchmark runs raw Redis baselines as the same user: `src/bench.rs`, or
+        // every file of `src/bench/`.
+        let bench = crate_dir().join("../../src/bench");
+        let mut bench_files: Vec<_> = std::fs::read_dir(&bench)
+            .map(|dir| dir.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        bench_files.push(bench.with_extension("rs"));
+        let mut bench_read = 0;
+        for path in bench_files {
+            if let Some(text) = read(&path) {
+                bench_read += 1;
+                used.extend(rust_commands(&text));
+            }
         }
+        assert!(
+            bench_read > 0,
+            "the benchmark's source was not found under {}",
+            bench.display()
+        );
         // Sent by the redis crate itself: connection set-up and `Script::invoke_async`.
         used.extend(["auth", "hello", "evalsha", "script|load"].map(String::from));
         let granted: BTreeSet<String> = NODE_COMMANDS.iter().map(|c| c.to_string()).collect();
