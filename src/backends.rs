@@ -45,6 +45,7 @@ impl Backends {
     /// Options of every Redis broker reached (default [`RedisOptions::default()`]); the
     /// connect timeout is the pool's, and `tls` applies to URLs whose trust nothing else sets
     /// (a `redis://` URL, or a `rediss://` URL without a CA file).
+    #[must_use]
     pub fn redis_options(mut self, options: RedisOptions) -> Self {
         self.redis = options;
         self
@@ -52,6 +53,7 @@ impl Backends {
 
     /// The CA certificate file (PEM) that `rediss://` brokers' certificates must chain to,
     /// unless the pool's builder names one.
+    #[must_use]
     pub fn tls_ca(mut self, path: impl Into<PathBuf>) -> Self {
         self.tls_ca = Some(path.into());
         self
@@ -59,6 +61,7 @@ impl Backends {
 
     /// The known-heads file that pins heads reached with a password, unless the pool's
     /// builder names one (default: `DC_KNOWN_HEADS`, else the user's config directory).
+    #[must_use]
     pub fn known_heads(mut self, path: impl Into<PathBuf>) -> Self {
         self.known_heads = Some(path.into());
         self

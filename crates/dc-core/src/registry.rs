@@ -63,6 +63,7 @@ impl Registry {
     /// # Panics
     /// When another type already registered the same `KIND`: two types under one name would
     /// make jobs land on the wrong code.
+    #[must_use]
     pub fn register<W: Worker>(mut self) -> Self {
         let previous = self
             .kinds

@@ -33,7 +33,6 @@ mod waits;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use dc_core::broker::{NodeId, SessionId, WorkerId};
 use dc_core::{Broker, BrokerError};
@@ -49,9 +48,9 @@ use crate::keys::Keys;
 const MAX_PAYLOAD: usize = 1 << 30;
 /// Payloads up to this size travel inside script calls; larger ones are staged by chunks.
 const INLINE_MAX: usize = 256 << 10;
-/// TTL of a session's long-lived keys, refreshed by every keep-alive: cleans up after a pool
-/// that vanished. Also the TTL of node status keys and staged payloads.
-const KEY_TTL: Duration = Duration::from_secs(24 * 3600);
+/// TTL of a session's long-lived keys in milliseconds (a day), refreshed by every keep-alive:
+/// cleans up after a pool that vanished. Also the TTL of node status keys and staged payloads.
+const KEY_TTL_MS: u64 = 24 * 3600 * 1000;
 /// A submit or complete script call carries at most this many inline bytes.
 const BATCH_BYTES: usize = 4 << 20;
 

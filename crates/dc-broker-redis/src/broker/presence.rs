@@ -21,7 +21,7 @@ use redis::aio::MultiplexedConnection;
 use tokio::time::Instant;
 
 use super::scripts::SCRIPTS;
-use super::{KEY_TTL, RedisBroker};
+use super::{KEY_TTL_MS, RedisBroker};
 use crate::codec::{bad, to_cbor};
 use crate::keys::PRESENCE_PREFIX;
 
@@ -58,7 +58,7 @@ impl RedisBroker {
             .key(self.keys().node(&status.node))
             .arg(&status.node.0)
             .arg(to_cbor(status)?)
-            .arg(KEY_TTL.as_millis() as u64);
+            .arg(KEY_TTL_MS);
         inv.invoke_async::<Value>(conn)
             .await
             .map_err(|e| self.conns().error(e))?;

@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use super::replies::{Active, active_reply, flag_reply, sessions_reply};
 use super::scripts::SCRIPTS;
 use super::staging::{Blob, chunk_count, too_large};
-use super::{KEY_TTL, RedisBroker};
+use super::{KEY_TTL_MS, RedisBroker};
 use crate::codec::{from_cbor, to_cbor};
 
 #[async_trait]
@@ -59,7 +59,7 @@ impl SessionControl for RedisBroker {
             .arg(self.keys().base(&id))
             .arg(lease_ms)
             .arg(spec.max_attempts)
-            .arg(KEY_TTL.as_millis() as u64)
+            .arg(KEY_TTL_MS)
             .arg(blob.mode())
             .arg(blob.arg())
             .arg(chunk_count(encoded.len(), self.chunk()))
@@ -91,7 +91,7 @@ impl SessionControl for RedisBroker {
             .key(self.keys().meta(session))
             .arg(&session.0)
             .arg(self.keys().base(session))
-            .arg(KEY_TTL.as_millis() as u64);
+            .arg(KEY_TTL_MS);
         if let Some((_, set)) = lock(&self.inner.opened)
             .as_ref()
             .filter(|(id, _)| id == session)

@@ -19,7 +19,7 @@ use redis::Value;
 
 use super::replies::Payload;
 use super::scripts::SCRIPTS;
-use super::{KEY_TTL, MAX_PAYLOAD, RedisBroker};
+use super::{KEY_TTL_MS, MAX_PAYLOAD, RedisBroker};
 use crate::codec::bad;
 use crate::conn::Kind;
 use crate::keys::chunk_field;
@@ -111,7 +111,7 @@ impl RedisBroker {
                 pipe.cmd("HSET").arg(key).arg(chunk_field(i)).arg(chunk);
                 if i == 0 {
                     // A stage left behind by a crash goes away by itself.
-                    pipe.cmd("PEXPIRE").arg(key).arg(KEY_TTL.as_millis() as u64);
+                    pipe.cmd("PEXPIRE").arg(key).arg(KEY_TTL_MS);
                 }
                 pipe.query_async::<Value>(conn.conn()).await?;
             }

@@ -15,7 +15,7 @@ use dc_core::broker::{SessionId, UpdateLog, UpdateSeq};
 use super::replies::updates_reply;
 use super::scripts::SCRIPTS;
 use super::staging::{chunk_count, too_large};
-use super::{KEY_TTL, RedisBroker};
+use super::{KEY_TTL_MS, RedisBroker};
 use crate::codec::uint;
 
 /// Inline update bytes one `read_updates` call returns (at least one update is returned).
@@ -82,7 +82,7 @@ impl RedisBroker {
             .arg(blob.arg())
             .arg(chunk_count(payload.len(), self.chunk()))
             .arg(payload.len())
-            .arg(KEY_TTL.as_millis() as u64);
+            .arg(KEY_TTL_MS);
         if let Some(at) = at {
             inv.arg(at);
         }

@@ -99,7 +99,9 @@ impl<'a> Flow<'a> {
     fn want(&self, idle: bool) -> usize {
         let depth = self.pace.depth(self.info.spec.auto_batching);
         let fit = match self.pace.payload() {
-            Some(avg) if avg >= 1.0 => ((AHEAD_BYTES as f64 / avg) as usize).max(1),
+            Some(avg) if avg >= 1.0 => {
+                crate::util::saturating_count(AHEAD_BYTES as f64 / avg).max(1)
+            }
             _ => MAX_AHEAD,
         };
         if idle && self.ahead.is_empty() {

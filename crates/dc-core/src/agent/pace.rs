@@ -108,7 +108,7 @@ impl Pace {
         let by_round_trip = if ratio < AHEAD_MIN_RATIO {
             0
         } else {
-            ((2.0 * ratio).ceil() as usize).clamp(1, MAX_AHEAD)
+            crate::util::saturating_count((2.0 * ratio).ceil()).clamp(1, MAX_AHEAD)
         };
         let by_turnaround = if job < SHORT_JOB.as_secs_f64() * 1e6 {
             PIPE_AHEAD

@@ -71,7 +71,7 @@ impl UpdateLog {
         entries
             .iter()
             .enumerate()
-            .skip(applied as usize)
+            .skip(usize::try_from(applied).unwrap_or(usize::MAX))
             .map(|(i, b)| (i as UpdateSeq + 1, b.clone()))
             .collect()
     }

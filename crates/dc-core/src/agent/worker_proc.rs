@@ -183,7 +183,7 @@ impl WorkerProc {
             init: protocol::Payload::borrowed(&info.spec.init),
             node_id: cfg.node_id.to_string(),
             worker_id: worker_id.to_string(),
-            slot: slot as u32,
+            slot: u32::try_from(slot).unwrap_or(u32::MAX),
             devices: slot_spec.devices,
         };
         if let Err(end) = self.send(&init).await {
