@@ -213,8 +213,8 @@ pub async fn broker_from_url(url: &str, timeout: Duration) -> Result<Arc<dyn Bro
 /// Map a backend's connect error to what a pool user matches on.
 pub(crate) fn classify(e: BrokerError) -> PoolError {
     match e {
-        BrokerError::Auth(m) => PoolError::Auth(m),
-        BrokerError::Connection(m) => PoolError::Unreachable(m),
+        BrokerError::Auth(m) => PoolError::Auth(m.to_string()),
+        BrokerError::Connection(m) => PoolError::Unreachable(m.to_string()),
         other => PoolError::Broker(other),
     }
 }

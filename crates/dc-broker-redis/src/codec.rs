@@ -6,7 +6,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 pub(crate) fn bad(what: impl std::fmt::Display) -> BrokerError {
-    BrokerError::Protocol(format!("unexpected reply from Redis: {what}"))
+    BrokerError::Protocol(format!("unexpected reply from Redis: {what}").into())
 }
 
 pub(crate) fn array(v: Value) -> Result<Vec<Value>, BrokerError> {
@@ -71,15 +71,18 @@ pub(crate) fn opt_string(v: Value) -> Result<Option<String>, BrokerError> {
 pub(crate) fn to_cbor<T: Serialize>(value: &T) -> Result<Vec<u8>, BrokerError> {
     let mut out = Vec::new();
     ciborium::into_writer(value, &mut out)
-        .map_err(|e| BrokerError::Protocol(format!("cannot encode a value as CBOR: {e}")))?;
+        .map_err(|e| BrokerError::Protocol(format!("cannot encode a value as CBOR: {e}").into()))?;
     Ok(out)
 }
 
 pub(crate) fn from_cbor<T: DeserializeOwned>(what: &str, data: &[u8]) -> Result<T, BrokerError> {
     ciborium::from_reader(data).map_err(|e| {
-        BrokerError::Protocol(format!(
-            "{what} stored in Redis is not valid ({e}); was it written by another version?"
-        ))
+        BrokerError::Protocol(
+            format!(
+                "{what} stored in Redis is not valid ({e}); was it written by another version?"
+            )
+            .into(),
+        )
     })
 }
 

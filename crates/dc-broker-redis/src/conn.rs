@@ -31,8 +31,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dc_core::BrokerError;
 use dc_core::util::lock;
+use dc_core::{BrokerError, Cause};
 use deadpool::managed::{self, Metrics, Object, Pool, PoolError, QueueMode, Timeouts};
 use redis::aio::MultiplexedConnection;
 use redis::{
@@ -215,7 +215,7 @@ impl Conns {
         let tls = trust
             .map(|trust| TlsClient::new(&trust, &host, port))
             .transpose()
-            .map_err(|e| BrokerError::Connection(format!("{target}: {e}")))?;
+            .map_err(|e| BrokerError::Connection(format!("{target}: {e}").into()))?;
         let server = Arc::new(Server {
             host,
             port,
@@ -238,7 +238,7 @@ impl Conns {
                 .max_size(POOL_MAX)
                 .queue_mode(QueueMode::Lifo)
                 .build()
-                .map_err(|e| BrokerError::Connection(format!("{}: {e}", server.target)))
+                .map_err(|e| BrokerError::Connection(format!("{}: {e}", server.target).into()))
         };
         Ok(Conns {
             blocking: pool(Kind::Blocking)?,
@@ -279,10 +279,9 @@ impl Conns {
                 .await
                 .map(Dedicated::Own),
             // The pool is never closed and has no hooks.
-            Err(other) => Err(BrokerError::Connection(format!(
-                "{}: {other}",
-                self.server.target
-            ))),
+            Err(other) => Err(BrokerError::Connection(
+                format!("{}: {other}", self.server.target).into(),
+            )),
         }
     }
 
@@ -332,7 +331,9 @@ impl Server {
         let made = async {
             let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
                 .await
-                .map_err(|e| BrokerError::Connection(format!("{}: {e}", self.target)))?;
+                .map_err(|e| {
+                    BrokerError::Connection(Cause::with_source(format!("{}: {e}", self.target), e))
+                })?;
             let _ = tcp.set_nodelay(true);
             let (conn, driver) = match &self.tls {
                 Some(tls) => {
@@ -362,23 +363,32 @@ impl Server {
     /// transient.
     fn tls_error(&self, e: std::io::Error) -> BrokerError {
         if let Some(why) = crate::tls::refusal(&e) {
-            return BrokerError::Auth(format!("{}: {why}", self.target));
+            return BrokerError::Auth(format!("{}: {why}", self.target).into());
         }
         if crate::tls::not_tls(&e) {
-            return BrokerError::Protocol(format!(
-                "{}: the service there does not speak the Redis protocol over TLS (is it the \
+            return BrokerError::Protocol(
+                format!(
+                    "{}: the service there does not speak the Redis protocol over TLS (is it the \
                  pool's port? a head started with --no-tls is reached with --no-tls): {e}",
-                self.target
-            ));
+                    self.target
+                )
+                .into(),
+            );
         }
-        BrokerError::Connection(format!("{}: TLS handshake: {e}", self.target))
+        BrokerError::Connection(Cause::with_source(
+            format!("{}: TLS handshake: {e}", self.target),
+            e,
+        ))
     }
 
     fn timed_out(&self) -> BrokerError {
-        BrokerError::Connection(format!(
-            "{}: no answer within {:?}",
-            self.target, self.connect_timeout
-        ))
+        BrokerError::Connection(
+            format!(
+                "{}: no answer within {:?}",
+                self.target, self.connect_timeout
+            )
+            .into(),
+        )
     }
 
     /// Classify a Redis error (see [`Conns::error`]); on connection trouble the shared
@@ -392,10 +402,13 @@ impl Server {
             || text.contains("NOAUTH")
             || text.contains("invalid password")
         {
-            return BrokerError::Auth(format!(
-                "{}: the Redis server refused the password ({text})",
-                self.target
-            ));
+            return BrokerError::Auth(
+                format!(
+                    "{}: the Redis server refused the password ({text})",
+                    self.target
+                )
+                .into(),
+            );
         }
         if code == "DCGONE" || text.contains("DCGONE") {
             return BrokerError::SessionGone(String::new());
@@ -406,7 +419,7 @@ impl Server {
             return BrokerError::Protocol(format!(
                 "{}: the service there does not speak the Redis protocol (is it the pool's port?): {text}",
                 self.target
-            ));
+            ).into());
         }
         let broken = e.is_io_error()
             || e.is_timeout()
@@ -429,8 +442,11 @@ impl Server {
                 )
             )
         {
-            return BrokerError::Connection(format!("{}: {text}", self.target));
+            return BrokerError::Connection(Cause::with_source(
+                format!("{}: {text}", self.target),
+                e,
+            ));
         }
-        BrokerError::Protocol(format!("{}: {text}", self.target))
+        BrokerError::Protocol(Cause::with_source(format!("{}: {text}", self.target), e))
     }
 }

@@ -141,6 +141,12 @@ async fn nothing_listening_is_a_transient_connection_error_within_the_timeout() 
     let message = err.to_string();
     assert!(message.contains(&format!("127.0.0.1:{port}")), "{message}");
     assert!(!message.contains("hunter2"), "{message}");
+    // The refusal itself stays reachable as the error's source.
+    let source = std::error::Error::source(&err).expect("the I/O error beneath");
+    let io = source
+        .downcast_ref::<std::io::Error>()
+        .expect("an I/O error");
+    assert_eq!(io.kind(), std::io::ErrorKind::ConnectionRefused, "{io:?}");
 }
 
 #[tokio::test]

@@ -1,5 +1,7 @@
 //! Errors: [`PoolError`] for users, [`BrokerError`] for backends.
 
+use std::sync::Arc;
+
 use crate::broker::AttemptRecord;
 
 /// Why a job failed for good.
@@ -90,20 +92,19 @@ pub enum PoolError {
 }
 
 /// A broker backend's error, classified so callers know whether to retry.
-#[derive(Debug, Clone, thiserror::Error)]
+///
+/// [`std::error::Error::source`] gives the error beneath it when the backend kept one (an I/O
+/// error, the client library's error), so a report can walk the whole chain.
+#[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum BrokerError {
     /// The connection failed or dropped; retrying may help.
-    #[error("broker connection: {0}")]
-    Connection(String),
+    Connection(Cause),
     /// Credentials refused.
-    #[error("broker authentication: {0}")]
-    Auth(String),
+    Auth(Cause),
     /// The session does not exist (closed, expired, or the broker lost its state).
-    #[error("pool session {0} is gone")]
     SessionGone(String),
     /// A payload too large for this broker.
-    #[error("payload of {size} bytes exceeds the broker limit of {limit} bytes")]
     PayloadTooLarge {
         /// Encoded size (or, for a payload refused while it was encoded, how far the encoding
         /// got: past the limit).
@@ -112,13 +113,109 @@ pub enum BrokerError {
         limit: usize,
     },
     /// The broker answered something this client does not understand.
-    #[error("broker protocol: {0}")]
-    Protocol(String),
+    Protocol(Cause),
     /// The URL names no backend compiled into this program.
-    #[error(
-        "unsupported broker URL {0:?}: use redis://host:port (a head node's server or your own Redis) or a local pool"
-    )]
     UnsupportedUrl(String),
+}
+
+impl std::fmt::Display for BrokerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BrokerError::Connection(c) => write!(f, "broker connection: {c}"),
+            BrokerError::Auth(c) => write!(f, "broker authentication: {c}"),
+            BrokerError::SessionGone(s) => write!(f, "pool session {s} is gone"),
+            BrokerError::PayloadTooLarge { size, limit } => write!(
+                f,
+                "payload of {size} bytes exceeds the broker limit of {limit} bytes"
+            ),
+            BrokerError::Protocol(c) => write!(f, "broker protocol: {c}"),
+            BrokerError::UnsupportedUrl(url) => write!(
+                f,
+                "unsupported broker URL {url:?}: use redis://host:port (a head node's server or your own Redis) or a local pool"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for BrokerError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            BrokerError::Connection(c) | BrokerError::Auth(c) | BrokerError::Protocol(c) => c
+                .source
+                .as_deref()
+                .map(|e| e as &(dyn std::error::Error + 'static)),
+            _ => None,
+        }
+    }
+}
+
+/// What a [`BrokerError`] says, and the error beneath it when there is one. Reads as its
+/// message (`Display`, and `Deref` to `str`); the error beneath is the [`BrokerError`]'s
+/// [`source`](std::error::Error::source).
+#[derive(Clone)]
+pub struct Cause {
+    message: String,
+    source: Option<Arc<dyn std::error::Error + Send + Sync>>,
+}
+
+impl Cause {
+    /// A message with no error beneath it.
+    pub fn new(message: impl Into<String>) -> Self {
+        Cause {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// A message, and the error it comes from.
+    pub fn with_source(
+        message: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Cause {
+            message: message.into(),
+            source: Some(Arc::new(source)),
+        }
+    }
+
+    /// The message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl std::fmt::Debug for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.source {
+            Some(source) => write!(f, "{:?} (from {source:?})", self.message),
+            None => write!(f, "{:?}", self.message),
+        }
+    }
+}
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::ops::Deref for Cause {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.message
+    }
+}
+
+impl From<String> for Cause {
+    fn from(message: String) -> Self {
+        Cause::new(message)
+    }
+}
+
+impl From<&str> for Cause {
+    fn from(message: &str) -> Self {
+        Cause::new(message)
+    }
 }
 
 impl BrokerError {

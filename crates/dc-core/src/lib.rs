@@ -22,7 +22,7 @@ pub mod util;
 mod worker;
 
 pub use broker::{Broker, Inspect, JobQueue, NodeRegistry, SessionControl, UpdateLog};
-pub use error::{BrokerError, JobFailure, PoolError};
+pub use error::{BrokerError, Cause, JobFailure, PoolError};
 pub use local::LocalBroker;
 pub use pool::{Connector, DEFAULT_PORT, LocalOnly, NetworkTarget, Pool, PoolBuilder, redact_url};
 pub use registry::Registry;

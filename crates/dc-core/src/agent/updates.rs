@@ -52,7 +52,7 @@ impl UpdateLog {
             if got == 0 {
                 return match need {
                     Some(n) if (entries.len() as UpdateSeq) < n => Err(BrokerError::Protocol(
-                        format!("update log ends at {} but a job needs {n}", entries.len()),
+                        format!("update log ends at {} but a job needs {n}", entries.len()).into(),
                     )),
                     _ => Ok(()),
                 };

@@ -131,7 +131,9 @@ impl<W: Worker> Pool<W> {
             .enumerate()
             .map(|(i, o)| {
                 o.ok_or_else(|| {
-                    PoolError::Broker(BrokerError::Protocol(format!("no result for job {i}")))
+                    PoolError::Broker(BrokerError::Protocol(
+                        format!("no result for job {i}").into(),
+                    ))
                 })
             })
             .collect()
