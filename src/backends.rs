@@ -4,8 +4,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+#[cfg(feature = "redis")]
 use dc_broker_redis::server::NODE_USER;
+#[cfg(feature = "redis")]
 use dc_broker_redis::token::JoinToken;
+#[cfg(feature = "redis")]
 use dc_broker_redis::{RedisBroker, RedisOptions, TlsTrust, redis_url_as};
 use dc_core::{Broker, BrokerError, Connector, NetworkTarget, PoolError, redact_url};
 
@@ -27,8 +30,9 @@ impl Connector for Backends {
 /// off).
 ///
 /// # Errors
-/// [`PoolError::Config`] for a damaged token, a missing password, or no known-heads file;
-/// otherwise as [`broker_from_url`].
+/// [`PoolError::Config`] for a damaged token, a missing password, or no known-heads file (and
+/// for any head node in a build without the `redis` feature); otherwise as [`broker_from_url`].
+#[cfg(feature = "redis")]
 pub async fn connect_target(target: &NetworkTarget) -> Result<Arc<dyn Broker>, PoolError> {
     if let Some(url) = &target.url {
         return broker_from(url, target.connect_timeout, target.tls_ca.as_deref()).await;
@@ -76,6 +80,21 @@ pub async fn connect_target(target: &NetworkTarget) -> Result<Arc<dyn Broker>, P
     redis(&url, target.connect_timeout, trust).await
 }
 
+/// [`connect_target`] in a build without the `redis` feature: broker URLs only.
+///
+/// # Errors
+/// [`PoolError::Config`] for a head node (reached over Redis); otherwise as
+/// [`broker_from_url`].
+#[cfg(not(feature = "redis"))]
+pub async fn connect_target(target: &NetworkTarget) -> Result<Arc<dyn Broker>, PoolError> {
+    match &target.url {
+        Some(url) => broker_from(url, target.connect_timeout, target.tls_ca.as_deref()).await,
+        None => Err(PoolError::Config(
+            "head nodes are reached over Redis, and this build has no `redis` feature".into(),
+        )),
+    }
+}
+
 /// Connect to the broker a URL names, by scheme: `redis://` (Redis, the default backend) and
 /// `rediss://` (Redis over TLS, checked against the system's root certificates); `amqp://` (until
 /// the RabbitMQ backend lands) is refused with a message saying what to use instead.
@@ -108,13 +127,23 @@ pub(crate) async fn broker_from(
 ) -> Result<Arc<dyn Broker>, PoolError> {
     let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or("");
     match scheme {
+        #[cfg(feature = "redis")]
         "redis" => redis(url, timeout, None).await,
+        #[cfg(feature = "redis")]
         "rediss" => {
             let trust = match tls_ca {
                 Some(file) => TlsTrust::CaFile(file.to_path_buf()),
                 None => TlsTrust::System,
             };
             redis(url, timeout, Some(trust)).await
+        }
+        #[cfg(not(feature = "redis"))]
+        "redis" | "rediss" => {
+            let _ = (timeout, tls_ca);
+            Err(PoolError::Config(format!(
+                "{}: this build has no `redis` feature (the Redis backend)",
+                redact_url(url)
+            )))
         }
         "amqp" | "amqps" => Err(PoolError::Config(format!(
             "{}: the RabbitMQ backend is not in this build yet; use a head node or redis://",
@@ -126,6 +155,7 @@ pub(crate) async fn broker_from(
     }
 }
 
+#[cfg(feature = "redis")]
 async fn redis(
     url: &str,
     timeout: Duration,
@@ -143,6 +173,7 @@ async fn redis(
 }
 
 /// Map a backend's connect error to what a pool user matches on.
+#[cfg(feature = "redis")]
 pub(crate) fn classify(e: BrokerError) -> PoolError {
     match e {
         BrokerError::Auth(m) => PoolError::Auth(m),
