@@ -284,3 +284,15 @@ fn init_tracing(default: &str) {
         .with_writer(std::io::stderr)
         .try_init();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bench_command_exists_only_with_the_bench_feature() {
+        let parsed = Cli::try_parse_from(["dc-cli", "bench", "--quick"]);
+        assert_eq!(parsed.is_ok(), cfg!(feature = "bench"), "{parsed:?}");
+        assert!(Cli::try_parse_from(["dc-cli", "devices"]).is_ok());
+    }
+}

@@ -11,11 +11,10 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use dc_broker_redis::server::{RedisProcess, RedisServerOptions, start_redis_server};
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
-
 use dc_broker_redis::token::JoinToken;
 use dc_core::backoff::Backoff;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use super::NodeError;
 
@@ -108,7 +107,7 @@ pub(super) async fn supervise(
         }
         restarts.push_back(now);
         let mut failures = 0u32;
-        // The pauses of the first restarts grow from 100 ms to at most 1.9 s.
+        // Between failed starts: 100 ms, doubling to at most 1.9 s, jittered.
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(1900));
         redis = loop {
             match start_redis_server(&options).await {
