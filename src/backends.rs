@@ -5,8 +5,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+#[cfg(feature = "redis")]
 use dc_broker_redis::server::NODE_USER;
+#[cfg(feature = "redis")]
 use dc_broker_redis::token::JoinToken;
+#[cfg(feature = "redis")]
 use dc_broker_redis::{RedisBroker, RedisOptions, TlsTrust, redis_url_as};
 use dc_core::{Broker, BrokerError, Connector, NetworkTarget, PoolError, redact_url};
 
@@ -18,6 +21,9 @@ use dc_core::{Broker, BrokerError, Connector, NetworkTarget, PoolError, redact_u
 /// for `rediss://` URLs, and the known-heads file that pins heads reached with a password.
 /// What the pool's builder says wins: its connect timeout always, and its `tls_ca` and
 /// `known_heads` when set.
+///
+/// Without the `redis` feature it reaches nothing yet: every URL and head is refused with a
+/// message naming the missing feature.
 ///
 /// # Examples
 /// ```
@@ -31,6 +37,7 @@ use dc_core::{Broker, BrokerError, Connector, NetworkTarget, PoolError, redact_u
 /// ```
 #[derive(Debug, Clone, Default)]
 pub struct Backends {
+    #[cfg(feature = "redis")]
     redis: RedisOptions,
     tls_ca: Option<PathBuf>,
     known_heads: Option<PathBuf>,
@@ -45,6 +52,7 @@ impl Backends {
     /// Options of every Redis broker reached (default [`RedisOptions::default()`]); the
     /// connect timeout is the pool's, and `tls` applies to URLs whose trust nothing else sets
     /// (a `redis://` URL, or a `rediss://` URL without a CA file).
+    #[cfg(feature = "redis")]
     #[must_use]
     pub fn redis_options(mut self, options: RedisOptions) -> Self {
         self.redis = options;
@@ -68,6 +76,21 @@ impl Backends {
     }
 
     /// Reach what `target` names; see [`connect_target`].
+    #[cfg(not(feature = "redis"))]
+    async fn reach(&self, target: &NetworkTarget) -> Result<Arc<dyn Broker>, PoolError> {
+        match &target.url {
+            Some(url) => {
+                let tls_ca = target.tls_ca.as_deref().or(self.tls_ca.as_deref());
+                self.broker_from(url, target.connect_timeout, tls_ca).await
+            }
+            None => Err(PoolError::Config(
+                "head nodes are reached over Redis, and this build has no `redis` feature".into(),
+            )),
+        }
+    }
+
+    /// Reach what `target` names; see [`connect_target`].
+    #[cfg(feature = "redis")]
     async fn reach(&self, target: &NetworkTarget) -> Result<Arc<dyn Broker>, PoolError> {
         if let Some(url) = &target.url {
             let tls_ca = target.tls_ca.as_deref().or(self.tls_ca.as_deref());
@@ -130,13 +153,23 @@ impl Backends {
     ) -> Result<Arc<dyn Broker>, PoolError> {
         let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or("");
         match scheme {
+            #[cfg(feature = "redis")]
             "redis" => self.redis(url, timeout, self.redis.tls.clone()).await,
+            #[cfg(feature = "redis")]
             "rediss" => {
                 let trust = match tls_ca {
                     Some(file) => TlsTrust::CaFile(file.to_path_buf()),
                     None => self.redis.tls.clone().unwrap_or(TlsTrust::System),
                 };
                 self.redis(url, timeout, Some(trust)).await
+            }
+            #[cfg(not(feature = "redis"))]
+            "redis" | "rediss" => {
+                let _ = (timeout, tls_ca, &self.known_heads);
+                Err(PoolError::Config(format!(
+                    "{}: this build has no `redis` feature (the Redis backend)",
+                    redact_url(url)
+                )))
             }
             "amqp" | "amqps" => Err(PoolError::Config(format!(
                 "{}: the RabbitMQ backend is not in this build yet; use a head node or redis://",
@@ -149,6 +182,7 @@ impl Backends {
     }
 
     /// A Redis broker at `url`, with this value's Redis options, `timeout` and `tls`.
+    #[cfg(feature = "redis")]
     async fn redis(
         &self,
         url: &str,
@@ -211,6 +245,7 @@ pub async fn broker_from_url(url: &str, timeout: Duration) -> Result<Arc<dyn Bro
 }
 
 /// Map a backend's connect error to what a pool user matches on.
+#[cfg(feature = "redis")]
 pub(crate) fn classify(e: BrokerError) -> PoolError {
     match e {
         BrokerError::Auth(m) => PoolError::Auth(m.to_string()),
@@ -219,7 +254,7 @@ pub(crate) fn classify(e: BrokerError) -> PoolError {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "redis"))]
 mod tests {
     use std::time::Duration;
 

@@ -410,7 +410,7 @@ impl common::hooked::Hooks for SlowReports {
 async fn jobs_taken_while_a_slow_report_runs_keep_their_leases() -> TestResult {
     use distributed_computing::agent::{AgentConfig, SlotSpec, WorkerCommand, spawn_agent};
     let lease = Duration::from_millis(800);
-    let dir = common::cluster::TempDir::new("slow-report")?;
+    let dir = common::TempDir::new("slow-report")?;
     let runs = dir.path().join("runs");
     let broker = std::sync::Arc::new(common::hooked::Hooked {
         inner: std::sync::Arc::new(distributed_computing::LocalBroker::new()),

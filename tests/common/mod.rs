@@ -2,9 +2,15 @@
 //! process saw, or misbehave on purpose (fail, abort, speak garbage), and a tiny test runner.
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
+#[cfg(feature = "cli")]
 pub mod cluster;
 pub mod hooked;
+#[cfg(feature = "cli")]
 pub mod netns;
+
+// Each test binary uses some of these.
+#[allow(unused_imports)]
+pub use dc_core::testing::support::TempDir;
 
 use std::collections::HashSet;
 use std::future::Future;

@@ -6,7 +6,7 @@
 use dc_core::broker::{Inspect, JobQueue, NodeRegistry, SessionControl, UpdateLog};
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -143,10 +143,7 @@ impl Drop for AclServer {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind a free port")
-        .port()
+    dc_core::testing::support::free_port().expect("bind a free port")
 }
 
 /// Percent-encode a URL user or password.

@@ -8,10 +8,7 @@ use dc_broker_redis::server::{
 };
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    dc_core::testing::support::free_port().expect("bind a free port")
 }
 
 fn options(port: u16, name: &str) -> RedisServerOptions {

@@ -17,6 +17,7 @@ pub mod inspect;
 pub mod job_queue;
 pub mod node_registry;
 pub mod session_control;
+pub mod support;
 pub mod update_log;
 
 use std::sync::Arc;
