@@ -156,7 +156,7 @@ async fn a_pool_under_a_nemesis_delivers_every_result_once() -> TestResult {
         .unwrap_or_else(|| {
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
+                .map(|d| d.as_secs() ^ u64::from(d.subsec_nanos()))
                 .unwrap_or(1)
         })
         | 1;
@@ -247,11 +247,12 @@ async fn a_pool_under_a_nemesis_delivers_every_result_once() -> TestResult {
             server_rss = server_rss.max(rss_kib(pid).unwrap_or(0));
         }
         let kinds = if net.is_some() { 6 } else { 5 };
-        let kind = (rng.next() % kinds) as usize;
+        let kind = usize::try_from(rng.next() % kinds).expect("below the kind count");
         *counts.entry(FAULTS[kind]).or_default() += 1;
         match kind {
             0 => {
-                let victim = (rng.next() % nodes.len() as u64) as usize;
+                let victim =
+                    usize::try_from(rng.next() % nodes.len() as u64).expect("below the node count");
                 if let Some(pid) = nodes[victim].pid() {
                     signal(pid, Signal::SIGKILL);
                 }
@@ -259,7 +260,8 @@ async fn a_pool_under_a_nemesis_delivers_every_result_once() -> TestResult {
                 nodes[victim] = start_worker_node(port, 1, &[]).await?;
             }
             1 => {
-                let victim = (rng.next() % nodes.len() as u64) as usize;
+                let victim =
+                    usize::try_from(rng.next() % nodes.len() as u64).expect("below the node count");
                 if let Some(pid) = nodes[victim].pid() {
                     signal(pid, Signal::SIGSTOP);
                     tokio::time::sleep(rng.ms(500, 3000)).await;

@@ -266,7 +266,9 @@ async fn payloads_of_600_mib_round_trip_intact() -> TestResult {
     let (_head, port) = start_head(1).await?;
     let pool = pool(port, "big").await?;
     let size = 600 << 20;
-    let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+    let data: Vec<u8> = (0..size)
+        .map(|i: usize| (i % 251).to_le_bytes()[0])
+        .collect();
     let outs = pool
         .map(vec![ProbeJob::Reverse(serde_bytes::ByteBuf::from(
             data.clone(),

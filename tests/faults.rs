@@ -153,7 +153,7 @@ fn run_more_than_once(path: &Path) -> BTreeMap<i64, usize> {
 fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or_default()
 }
 
@@ -1448,7 +1448,7 @@ async fn busy_node_keeps_its_big_and_long_jobs() -> Result<(), Failed> {
     let (_head, port) = start_head(2).await?;
     let pool = pool_with_lease(port, "busy", Some(lease)).await?;
     check!(wait_workers(&pool, 2, 1).await, "expected 2 workers");
-    let big: Vec<u8> = (0..big_len).map(|i| (i % 251) as u8).collect();
+    let big: Vec<u8> = (0..big_len).map(|i| (i % 251).to_le_bytes()[0]).collect();
     let burners = Burners::start(3)?;
     let started = Instant::now();
     // The lease clock: each leased job's idle time in the broker (reset by every renewal),
@@ -1520,7 +1520,7 @@ async fn busy_node_keeps_its_big_and_long_jobs() -> Result<(), Failed> {
             && reversed
                 .iter()
                 .enumerate()
-                .all(|(i, b)| *b == ((big_len - 1 - i) % 251) as u8),
+                .all(|(i, b)| *b == ((big_len - 1 - i) % 251).to_le_bytes()[0]),
         "the big job's output is not its input reversed"
     );
     for value in 0..3 {
@@ -1532,7 +1532,7 @@ async fn busy_node_keeps_its_big_and_long_jobs() -> Result<(), Failed> {
         );
     }
     check!(
-        longest < lease.as_millis() as u64,
+        u128::from(longest) < lease.as_millis(),
         "a lease went {longest} ms without renewal (lease {lease:?}): {clocks:?}"
     );
     eprintln!(

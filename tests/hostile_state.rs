@@ -354,7 +354,7 @@ async fn every_key_and_field_damaged_mid_run_costs_at_most_its_job() -> TestResu
         .await,
         "the node's 2 workers never served the pool"
     );
-    let big: Vec<u8> = (0..BIG).map(|i| (i % 251) as u8).collect();
+    let big: Vec<u8> = (0..BIG).map(|i| (i % 251).to_le_bytes()[0]).collect();
     let mut submitted = 0u64;
     let mut outcomes: BTreeMap<String, usize> = BTreeMap::new();
     // `DC_HOSTILE_CASES=<text>`: only the cases whose name contains it (to look into one).

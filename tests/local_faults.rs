@@ -113,7 +113,7 @@ async fn aborting_job_is_retried_then_fails_with_attempts() -> TestResult {
             check!(history.len() == 3, "history {history:?}");
             for (n, record) in history.iter().enumerate() {
                 check!(
-                    record.attempt == n as u32 + 1,
+                    u64::from(record.attempt) == n as u64 + 1,
                     "attempt numbers {history:?}"
                 );
                 check!(

@@ -98,7 +98,7 @@ fn check_spread(
     allow: Allow,
 ) -> Result<Waits, libtest_mimic::Failed> {
     let mut waits = Waits::default();
-    let slack = slack.as_micros() as u64;
+    let slack = u64::try_from(slack.as_micros()).unwrap_or(u64::MAX);
     let first = runs.iter().map(|r| r.start).min().unwrap_or(0);
     let mut by_worker: Vec<Vec<&Run>> = workers
         .iter()
@@ -390,7 +390,7 @@ async fn node_of_four_fed_one_job_at_a_time_never_queues_one_behind_another() ->
         let worst = waits.iter().max_by_key(|(_, wait, _)| *wait).cloned();
         if let Some((value, wait, worker)) = &worst {
             check!(
-                *wait <= slack.as_micros() as u64,
+                u128::from(*wait) <= slack.as_micros(),
                 "{phase}: job {value} started {:.1} ms after it was submitted (on {worker}), with \
                  at most 4 jobs in flight on 4 workers",
                 *wait as f64 / 1e3

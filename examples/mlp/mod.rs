@@ -4,6 +4,10 @@
 //! The worker builds a synthetic regression data set once per worker process (`new`), trains
 //! and scores a small MLP per hyper-parameter set (`run`), and keeps the best score broadcast
 //! by the pool owner (`handle_update`) to prune hopeless trials early.
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "float-to-count conversions of small, checked values; `as` saturates"
+)]
 #![allow(dead_code)]
 
 use std::future::Future;

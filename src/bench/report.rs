@@ -192,7 +192,7 @@ pub(super) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
-    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    let i = dc_core::util::saturating_count(((sorted.len() - 1) as f64 * p).round());
     sorted[i.min(sorted.len() - 1)]
 }
 

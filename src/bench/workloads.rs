@@ -66,7 +66,7 @@ pub(super) async fn echo_rate(pool: &Pool<BenchWorker>, n: u64) -> Result<f64, B
     let t = Instant::now();
     let out = pool.map((0..n).map(BenchJob::Echo)).await?;
     let secs = t.elapsed().as_secs_f64();
-    let ok = out.len() == n as usize
+    let ok = u64::try_from(out.len()) == Ok(n)
         && out
             .iter()
             .enumerate()

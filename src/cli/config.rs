@@ -254,7 +254,7 @@ pub(super) fn weak_password_warning(password: &str) {
     } else {
         94.0
     };
-    let seconds = f64::powi(alphabet, n as i32) / GUESSES_PER_SECOND;
+    let seconds = f64::powi(alphabet, i32::try_from(n).unwrap_or(i32::MAX)) / GUESSES_PER_SECOND;
     let shown = if seconds < 120.0 {
         format!("{seconds:.0} seconds")
     } else if seconds < 2.0 * 3600.0 {

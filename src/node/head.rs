@@ -27,6 +27,7 @@ impl HeadOptions {
     }
 
     /// The pool port (default 8899).
+    #[must_use]
     pub fn port(mut self, port: u16) -> Self {
         self.server = self.server.port(port);
         self.node = self.node.port(port);
@@ -34,12 +35,14 @@ impl HeadOptions {
     }
 
     /// Addresses the server listens on (default: every interface).
+    #[must_use]
     pub fn bind(mut self, addresses: Vec<String>) -> Self {
         self.server = self.server.bind(addresses);
         self
     }
 
     /// The state directory of both the server and the local node.
+    #[must_use]
     pub fn state_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         let dir = dir.into();
         self.server = self.server.state_dir(dir.clone());
@@ -48,6 +51,7 @@ impl HeadOptions {
     }
 
     /// Change the local node's options (GPUs, CPU workers, worker program…).
+    #[must_use]
     pub fn node(mut self, f: impl FnOnce(NodeOptions) -> NodeOptions) -> Self {
         self.node = f(self.node);
         self

@@ -68,6 +68,7 @@ impl NodeOptions {
 
     /// The pool server's address (the head node); with a join token, it replaces the token's
     /// addresses.
+    #[must_use]
     pub fn address(mut self, address: impl Into<String>) -> Self {
         self.target.address = address.into();
         self.target.address_set = true;
@@ -75,12 +76,14 @@ impl NodeOptions {
     }
 
     /// The pool server's port (default 8899; a join token names its own).
+    #[must_use]
     pub fn port(mut self, port: u16) -> Self {
         self.target.port = port;
         self
     }
 
     /// An existing broker by URL instead of a head node (`redis://…`, `rediss://…`).
+    #[must_use]
     pub fn broker(mut self, url: impl Into<String>) -> Self {
         self.target.url = Some(url.into());
         self
@@ -88,18 +91,21 @@ impl NodeOptions {
 
     /// Join with a token (`dc1:…`, as the head writes it to `<state-dir>/join-token`): the
     /// head's addresses, port, user, secret and CA hash.
+    #[must_use]
     pub fn token(mut self, token: impl Into<String>) -> Self {
         self.target.token = Some(token.into().trim().to_string());
         self
     }
 
     /// Speak plain Redis to a head started with `--no-tls`.
+    #[must_use]
     pub fn no_tls(mut self) -> Self {
         self.target.tls = false;
         self
     }
 
     /// The CA file a `rediss://` broker's certificate must chain to.
+    #[must_use]
     pub fn tls_ca(mut self, path: impl Into<PathBuf>) -> Self {
         self.target.tls_ca = Some(path.into());
         self
@@ -107,18 +113,21 @@ impl NodeOptions {
 
     /// The known-heads file that pins a head reached with a password (default:
     /// `DC_KNOWN_HEADS`, else the user's config directory).
+    #[must_use]
     pub fn known_heads(mut self, path: impl Into<PathBuf>) -> Self {
         self.target.known_heads = Some(path.into());
         self
     }
 
     /// Which GPUs to use (default: every visible one).
+    #[must_use]
     pub fn gpus(mut self, gpus: GpuSelection) -> Self {
         self.gpus = gpus;
         self
     }
 
     /// Worker processes per GPU (default 1).
+    #[must_use]
     pub fn workers_per_gpu(mut self, n: usize) -> Self {
         self.workers_per_gpu = n.max(1);
         self
@@ -126,6 +135,7 @@ impl NodeOptions {
 
     /// CPU worker processes when the node has no GPU (default 0: a CPU box must not silently
     /// take GPU jobs).
+    #[must_use]
     pub fn cpu_workers(mut self, n: usize) -> Self {
         self.cpu_workers = n;
         self
@@ -133,30 +143,35 @@ impl NodeOptions {
 
     /// The worker program (default: this executable, which must call `serve_if_worker` or be
     /// built with `main_with`).
+    #[must_use]
     pub fn worker_program(mut self, path: impl Into<PathBuf>) -> Self {
         self.worker_program = Some(path.into());
         self
     }
 
     /// The kinds the worker program serves (default: those this executable registered).
+    #[must_use]
     pub fn kinds(mut self, kinds: Vec<String>) -> Self {
         self.kinds = Some(kinds);
         self
     }
 
     /// Serve `kind` with another program speaking the frame protocol (any language).
+    #[must_use]
     pub fn external_worker(mut self, kind: impl Into<String>, command: WorkerCommand) -> Self {
         self.external.insert(kind.into(), command);
         self
     }
 
     /// The state directory (one node per state dir).
+    #[must_use]
     pub fn state_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.state_dir = Some(dir.into());
         self
     }
 
     /// How often the node heartbeats, renewing its leases (default 1 s).
+    #[must_use]
     pub fn heartbeat(mut self, period: Duration) -> Self {
         self.heartbeat = period.max(Duration::from_millis(50));
         self

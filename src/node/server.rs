@@ -76,6 +76,7 @@ impl ServerOptions {
 
     /// Serve plain Redis instead of TLS (a trusted network only: secrets and payloads cross it
     /// in clear).
+    #[must_use]
     pub fn no_tls(mut self) -> Self {
         self.tls = false;
         self
@@ -83,24 +84,28 @@ impl ServerOptions {
 
     /// The addresses the join token names (default: the `bind` addresses when they are
     /// specific, else this machine's first non-loopback IPv4 address).
+    #[must_use]
     pub fn advertise(mut self, addresses: Vec<String>) -> Self {
         self.advertise = Some(addresses);
         self
     }
 
     /// The pool port (default 8899).
+    #[must_use]
     pub fn port(mut self, port: u16) -> Self {
         self.port = port;
         self
     }
 
     /// Addresses to listen on (default: every interface).
+    #[must_use]
     pub fn bind(mut self, addresses: Vec<String>) -> Self {
         self.bind = addresses;
         self
     }
 
     /// The state directory (the server's files go in `redis-<port>/` below it).
+    #[must_use]
     pub fn state_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.state_dir = Some(dir.into());
         self

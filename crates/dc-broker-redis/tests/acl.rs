@@ -260,7 +260,7 @@ fn spec(lease: Duration, init: usize) -> SessionSpec {
 fn blob(n: usize, seed: u8) -> Bytes {
     Bytes::from(
         (0..n)
-            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .map(|i| i.to_le_bytes()[0].wrapping_mul(31).wrapping_add(seed))
             .collect::<Vec<u8>>(),
     )
 }
@@ -348,7 +348,7 @@ async fn run_broker_paths(url: &str, admin: &mut MultiplexedConnection) {
         .into_iter()
         .map(|(id, len)| NewJob {
             id: JobId(id),
-            payload: blob(len, id as u8),
+            payload: blob(len, id.to_le_bytes()[0]),
             update_seq: 3,
         })
         .collect();

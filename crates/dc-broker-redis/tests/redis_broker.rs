@@ -93,7 +93,9 @@ fn plant_on(conn: &mut redis::Connection, args: &[&str]) {
 fn pattern(n: usize, seed: u8) -> Bytes {
     Bytes::from(
         (0..n)
-            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 13) as u8)
+            .map(|i| {
+                i.to_le_bytes()[0].wrapping_mul(31).wrapping_add(seed) ^ (i >> 13).to_le_bytes()[0]
+            })
             .collect::<Vec<u8>>(),
     )
 }
@@ -249,7 +251,7 @@ async fn close_session_removes_every_key_of_the_session() {
     let mut jobs: Vec<NewJob> = (0..10)
         .map(|i| NewJob {
             id: JobId(i),
-            payload: Bytes::from(vec![i as u8; 100]),
+            payload: Bytes::from(vec![i.to_le_bytes()[0]; 100]),
             update_seq: 0,
         })
         .collect();
@@ -734,12 +736,12 @@ async fn take_complete_cycles_deliver_each_result_once() {
                 r.job
             );
         }
-        if results.len() == n as usize {
+        if u64::try_from(results.len()) == Ok(n) {
             break;
         }
     }
     assert_eq!(results, leased, "every leased job's result, once");
-    assert_eq!(results.len(), n as usize);
+    assert_eq!(u64::try_from(results.len()), Ok(n));
 }
 
 async fn open_dyn(broker: &dyn Broker) -> SessionId {
@@ -764,7 +766,7 @@ async fn lost_jobs_are_named_and_what_can_be_repaired_is() {
     let jobs: Vec<NewJob> = (1..=5)
         .map(|i| NewJob {
             id: JobId(i),
-            payload: Bytes::from(vec![i as u8; 8]),
+            payload: Bytes::from(vec![i.to_le_bytes()[0]; 8]),
             update_seq: 0,
         })
         .collect();
@@ -839,7 +841,7 @@ async fn lost_jobs_are_named_and_what_can_be_repaired_is() {
         .iter()
         .map(|&i| NewJob {
             id: JobId(i),
-            payload: Bytes::from(vec![i as u8; 8]),
+            payload: Bytes::from(vec![i.to_le_bytes()[0]; 8]),
             update_seq: 0,
         })
         .collect();
@@ -853,7 +855,10 @@ async fn lost_jobs_are_named_and_what_can_be_repaired_is() {
         .await
         .expect("take")
     {
-        assert_eq!(job.payload, Bytes::from(vec![job.lease.job.0 as u8; 8]));
+        assert_eq!(
+            job.payload,
+            Bytes::from(vec![job.lease.job.0.to_le_bytes()[0]; 8])
+        );
         ids.push(job.lease.job.0);
     }
     ids.sort_unstable();
@@ -885,7 +890,7 @@ async fn results_waiting_or_being_read_are_never_announced_twice() {
     let jobs: Vec<NewJob> = (1..=2)
         .map(|i| NewJob {
             id: JobId(i),
-            payload: Bytes::from(vec![i as u8; 8]),
+            payload: Bytes::from(vec![i.to_le_bytes()[0]; 8]),
             update_seq: 0,
         })
         .collect();

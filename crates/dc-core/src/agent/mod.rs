@@ -150,6 +150,20 @@ impl SlotSpec {
             env: dc_gpu::worker_env(device),
         }
     }
+
+    /// The slots of a machine, for a node and for a local pool alike: `per_gpu` slots on each
+    /// GPU that `gpus` selects, or, when it selects none, `cpu_workers` CPU slots.
+    pub fn plan(gpus: &dc_gpu::GpuSelection, per_gpu: usize, cpu_workers: usize) -> Vec<Self> {
+        let inventory = dc_gpu::discover(gpus);
+        if inventory.gpus.is_empty() {
+            return vec![SlotSpec::for_device(None); cpu_workers];
+        }
+        inventory
+            .gpus
+            .iter()
+            .flat_map(|gpu| std::iter::repeat_n(SlotSpec::for_device(Some(gpu)), per_gpu))
+            .collect()
+    }
 }
 
 /// How a node agent runs.

@@ -91,18 +91,10 @@ fn local_slots(
     per_gpu: usize,
     cpu_workers: Option<usize>,
 ) -> Vec<SlotSpec> {
-    let inventory = dc_gpu::discover(gpus);
-    if !inventory.gpus.is_empty() {
-        return inventory
-            .gpus
-            .iter()
-            .flat_map(|gpu| std::iter::repeat_n(SlotSpec::for_device(Some(gpu)), per_gpu))
-            .collect();
-    }
-    let n = cpu_workers.unwrap_or_else(|| {
+    let cpu_workers = cpu_workers.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1)
     });
-    vec![SlotSpec::for_device(None); n.max(1)]
+    SlotSpec::plan(gpus, per_gpu, cpu_workers.max(1))
 }
