@@ -291,7 +291,7 @@ pub struct JobResult {
 /// worker's error; not retried).
 pub type Outcome = Result<Bytes, (JobFailure, AttemptEnd)>;
 
-/// What happened to a result handed to [`Broker::complete`].
+/// What happened to a result handed to [`JobQueue::complete`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Completion {
     /// Recorded: this was the job's first result.
@@ -300,7 +300,7 @@ pub enum Completion {
     Discarded,
 }
 
-/// What happened to a lease handed back with [`Broker::abandon`].
+/// What happened to a lease handed back with [`JobQueue::abandon`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Abandoned {
     /// Queued again for another attempt.
