@@ -43,8 +43,8 @@
 //! 6. Jobs taken ahead are given back unstarted and uncharged (`AttemptEnd::Returned`): when the
 //!    running job outlives what they were taken for (two of its estimated run times plus two
 //!    round trips, at least `GIVE_BACK_FLOOR`), at once, and so is every job an exchange brings
-//!    in after that while the same job still runs. A job written to the worker's channel cannot be given back
-//!    this way: it waits for the worker.
+//!    in after that while the same job still runs. A job written to the worker's channel cannot
+//!    be given back this way: it waits for the worker.
 //! 7. When the slot stops serving its worker (session over, node stopping, worker dead), the
 //!    outcomes already finished are reported first; then every job the slot still holds, taken
 //!    ahead or written to the worker's channel and unanswered, goes back to the queue uncharged
@@ -56,8 +56,7 @@
 //!    new process (step 1) after a pause that grows while processes keep dying young, and the
 //!    new worker replays the whole update log before its first job (step 4).
 //! 9. When the session ends while a job runs, that job is dropped with its session and the
-//!    worker killed;
-//!    otherwise the worker gets `Shutdown`, then SIGTERM, then SIGKILL after
+//!    worker killed; otherwise the worker gets `Shutdown`, then SIGTERM, then SIGKILL after
 //!    [`AgentConfig::stop_grace`].
 //!
 //! # Leases
