@@ -5,7 +5,9 @@
 //! This crate names no network backend: those implement [`Broker`] in `dc-broker-*` crates.
 //!
 //! Cargo features:
-//! - `testing`: [`testing`], the broker conformance suite every backend runs.
+//! - `testing`: the `testing` module, the broker conformance suite every backend runs (per
+//!   capability), and the helpers shared by the tests and `dc-cli bench`; also the agent's hidden
+//!   simulated-slot hook the benchmark uses.
 
 pub mod agent;
 pub mod backoff;
