@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use common::cluster::{
     NodeProc, PASSWORD, TempDir, children_of, free_port, head_token, known_heads, register_head,
+    start_head_process,
 };
 use common::{Probe, ProbeInit, ProbeJob, TestResult, eventually};
 use distributed_computing::{JoinToken, Pool, PoolError};
@@ -53,21 +54,7 @@ async fn head(
         "1",
     ];
     args.extend_from_slice(extra);
-    let head = NodeProc::start(&args, env).await?;
-    register_head(port, head.state_dir());
-    if !head
-        .wait_for_output(
-            &format!("start-node -p {port} -a "),
-            Duration::from_secs(30),
-        )
-        .await
-    {
-        return Err(format!(
-            "the head never printed the worker command:\n{}",
-            head.output()
-        )
-        .into());
-    }
+    let head = start_head_process(port, &args, env).await?;
     Ok((head, port))
 }
 

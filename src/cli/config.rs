@@ -83,6 +83,10 @@ const CONFIG_KEYS: &[&str] = &[
     "external_workers",
 ];
 
+/// Config-file keys that no `DC_*` variable sets: the role (`head`, `server_only`) and the
+/// table of external workers, which only a file or flags give.
+const FILE_ONLY_KEYS: &[&str] = &["head", "server_only", "external_workers"];
+
 /// The config file to read: `--config` (which must be a file), else `./dc.toml` if there is
 /// one (in this directory only).
 fn config_file(given: Option<&PathBuf>) -> Result<Option<PathBuf>, String> {
@@ -136,24 +140,13 @@ impl Config {
             let shown = std::path::absolute(path).unwrap_or_else(|_| path.clone());
             tracing::info!(file = %shown.display(), "configuration file loaded");
         }
+        let env_keys: Vec<&str> = CONFIG_KEYS
+            .iter()
+            .copied()
+            .filter(|key| !FILE_ONLY_KEYS.contains(key))
+            .collect();
         figment = figment
-            .merge(Env::prefixed("DC_").only(&[
-                "address",
-                "port",
-                "password",
-                "password_file",
-                "token",
-                "token_file",
-                "no_tls",
-                "tls_ca",
-                "broker",
-                "cpu_workers",
-                "gpus",
-                "workers_per_gpu",
-                "state_dir",
-                "bind",
-                "heartbeat_ms",
-            ]))
+            .merge(Env::prefixed("DC_").only(&env_keys))
             .merge(Serialized::defaults(flags));
         figment.extract().map_err(|e| match &file {
             Some(path) => format!("configuration (file {}): {e}", path.display()),

@@ -270,26 +270,7 @@ fn is_loopback_bind(entry: &str) -> bool {
 /// Whether a pool server (a Redis asking for a password, over TLS or plain) answers on this
 /// machine's `port`. Blocks for at most a few seconds.
 pub fn is_server_running(port: u16) -> bool {
-    dc_broker_redis::tls::answers_over_tls(port, Duration::from_millis(500)) || answers_plain(port)
-}
-
-/// [`is_server_running`] for a plain (`--no-tls`) server.
-fn answers_plain(port: u16) -> bool {
-    use std::io::{Read, Write};
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    let Ok(mut stream) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500))
-    else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
-    let _ = stream.set_write_timeout(Some(Duration::from_millis(500)));
-    // A server that requires a password refuses PING until AUTH: "-NOAUTH".
-    if stream.write_all(b"*1\r\n$4\r\nPING\r\n").is_err() {
-        return false;
-    }
-    let mut buf = [0u8; 64];
-    match stream.read(&mut buf) {
-        Ok(n) => buf[..n].starts_with(b"-NOAUTH"),
-        Err(_) => false,
-    }
+    use dc_broker_redis::tls::{answers_over_tls, answers_plain};
+    let timeout = Duration::from_millis(500);
+    answers_over_tls(port, timeout) || answers_plain(port, timeout)
 }

@@ -199,7 +199,18 @@ pub async fn start_head_with(
     let port = free_port()?;
     let args = node_args(true, port, cpu_workers, heartbeat_ms);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let head = NodeProc::start(&args, &[]).await?;
+    let head = start_head_process(port, &args, &[]).await?;
+    Ok((head, port))
+}
+
+/// A head started with `args` (which name `port`) and `env`, registered for the helpers that
+/// reach it, once it has printed the worker command of its banner.
+pub async fn start_head_process(
+    port: u16,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Result<NodeProc, Box<dyn std::error::Error>> {
+    let head = NodeProc::start(args, env).await?;
     register_head(port, head.state_dir());
     if !head
         .wait_for_output(
@@ -214,7 +225,7 @@ pub async fn start_head_with(
         )
         .into());
     }
-    Ok((head, port))
+    Ok(head)
 }
 
 /// [`start_worker_node`] with a chosen heartbeat (`None`: the node's default).

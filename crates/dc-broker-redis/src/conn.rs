@@ -72,7 +72,7 @@ impl std::fmt::Debug for Conns {
 }
 
 /// Where the server is, how to log in, and the shared connection.
-struct Server {
+pub(crate) struct Server {
     host: String,
     port: u16,
     /// How to log in (user, password, database), from the URL.
@@ -192,41 +192,7 @@ impl Conns {
         response_timeout: Duration,
         tls: Option<&TlsTrust>,
     ) -> Result<Self, BrokerError> {
-        use redis::IntoConnectionInfo;
-        let target = dc_core::redact_url(url);
-        let bad_url = |e: RedisError| {
-            tracing::debug!(error = %e, "cannot use Redis URL {target}");
-            BrokerError::UnsupportedUrl(target.clone())
-        };
-        // The redis crate parses TLS URLs only in its own TLS builds; TLS is done here.
-        let (plain, secure) = match url.strip_prefix("rediss://") {
-            Some(rest) => (format!("redis://{rest}"), true),
-            None => (url.to_string(), false),
-        };
-        let info = plain.as_str().into_connection_info().map_err(bad_url)?;
-        let ConnectionAddr::Tcp(host, port) = info.addr().clone() else {
-            return Err(BrokerError::UnsupportedUrl(target));
-        };
-        let trust = match (tls, secure) {
-            (Some(trust), _) => Some(trust.clone()),
-            (None, true) => Some(TlsTrust::System),
-            (None, false) => None,
-        };
-        let tls = trust
-            .map(|trust| TlsClient::new(&trust, &host, port))
-            .transpose()
-            .map_err(|e| BrokerError::Connection(format!("{target}: {e}").into()))?;
-        let server = Arc::new(Server {
-            host,
-            port,
-            // No CLIENT SETINFO: a head's node user may not run it.
-            login: info.redis_settings().clone().set_skip_set_lib_name(),
-            tls,
-            shared: Mutex::new(None),
-            connect_timeout,
-            response_timeout,
-            target,
-        });
+        let server = Arc::new(Server::new(url, connect_timeout, response_timeout, tls)?);
         let pool = |kind| {
             let dialer = Dialer {
                 server: Arc::clone(&server),
@@ -298,14 +264,6 @@ impl Conns {
         Ok(conn)
     }
 
-    /// A new connection of its own, answers bounded by `response_timeout`.
-    pub(crate) async fn raw(
-        &self,
-        response_timeout: Duration,
-    ) -> Result<MultiplexedConnection, BrokerError> {
-        self.server.connect(response_timeout).await
-    }
-
     /// Set a blocking connection's response timeout for a read that blocks up to `wait`.
     pub(crate) fn arm(conn: &mut Dedicated, wait: Duration) {
         conn.conn().set_response_timeout(wait + BLOCK_SLACK);
@@ -322,8 +280,53 @@ impl Conns {
 }
 
 impl Server {
+    /// Where and how to connect (nothing is connected yet): `redis://` is plain unless `tls`
+    /// names a trust; `rediss://` is TLS, with the system's roots unless `tls` says otherwise.
+    pub(crate) fn new(
+        url: &str,
+        connect_timeout: Duration,
+        response_timeout: Duration,
+        tls: Option<&TlsTrust>,
+    ) -> Result<Self, BrokerError> {
+        use redis::IntoConnectionInfo;
+        let target = dc_core::redact_url(url);
+        let bad_url = |e: RedisError| {
+            tracing::debug!(error = %e, "cannot use Redis URL {target}");
+            BrokerError::UnsupportedUrl(target.clone())
+        };
+        // The redis crate parses TLS URLs only in its own TLS builds; TLS is done here.
+        let (plain, secure) = match url.strip_prefix("rediss://") {
+            Some(rest) => (format!("redis://{rest}"), true),
+            None => (url.to_string(), false),
+        };
+        let info = plain.as_str().into_connection_info().map_err(bad_url)?;
+        let ConnectionAddr::Tcp(host, port) = info.addr().clone() else {
+            return Err(BrokerError::UnsupportedUrl(target));
+        };
+        let trust = match (tls, secure) {
+            (Some(trust), _) => Some(trust.clone()),
+            (None, true) => Some(TlsTrust::System),
+            (None, false) => None,
+        };
+        let tls = trust
+            .map(|trust| TlsClient::new(&trust, &host, port))
+            .transpose()
+            .map_err(|e| BrokerError::Connection(format!("{target}: {e}").into()))?;
+        Ok(Server {
+            host,
+            port,
+            // No CLIENT SETINFO: a head's node user may not run it.
+            login: info.redis_settings().clone().set_skip_set_lib_name(),
+            tls,
+            shared: Mutex::new(None),
+            connect_timeout,
+            response_timeout,
+            target,
+        })
+    }
+
     /// A new connection (TCP, TLS when set, then the log-in), within the connect timeout.
-    async fn connect(
+    pub(crate) async fn connect(
         &self,
         response_timeout: Duration,
     ) -> Result<MultiplexedConnection, BrokerError> {

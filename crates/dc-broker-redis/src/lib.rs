@@ -82,13 +82,13 @@ pub async fn connect_raw(
     url: &str,
     options: &RedisOptions,
 ) -> Result<redis::aio::MultiplexedConnection, dc_core::BrokerError> {
-    conn::Conns::new(
+    conn::Server::new(
         url,
         options.connect_timeout,
         options.response_timeout,
         options.tls.as_ref(),
     )?
-    .raw(options.response_timeout)
+    .connect(options.response_timeout)
     .await
 }
 

@@ -301,6 +301,46 @@ impl TlsClient {
     }
 }
 
+/// The handshake-signature checks of a verifier with a `provider` field: the provider's own
+/// algorithms, the same for every verifier here (only who is trusted differs).
+macro_rules! signature_checks {
+    () => {
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.provider.signature_verification_algorithms,
+            )
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.provider.signature_verification_algorithms,
+            )
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.provider
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    };
+}
+
 /// Which CA a head must show.
 #[derive(Debug)]
 enum Pin {
@@ -402,39 +442,7 @@ impl ServerCertVerifier for HeadVerifier {
         Ok(ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
+    signature_checks!();
 }
 
 /// Why a TLS handshake failed, in words for the user: a refused certificate (not worth a
@@ -463,7 +471,9 @@ pub(crate) fn not_tls(e: &std::io::Error) -> bool {
 /// Accepts any certificate: only for [`answers_over_tls`], which sends no secret and trusts
 /// nothing it reads beyond the shape of one reply.
 #[derive(Debug)]
-struct AnyServer(Arc<CryptoProvider>);
+struct AnyServer {
+    provider: Arc<CryptoProvider>,
+}
 
 impl ServerCertVerifier for AnyServer {
     fn verify_server_cert(
@@ -477,43 +487,12 @@ impl ServerCertVerifier for AnyServer {
         Ok(ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
+    signature_checks!();
 }
 
 /// Whether a Redis that asks for a password answers over TLS on `127.0.0.1:port` (a `PING`
 /// refused with `-NOAUTH`), within about `timeout` per step. Blocking; sends no secret.
 pub fn answers_over_tls(port: u16, timeout: std::time::Duration) -> bool {
-    use std::io::{Read, Write};
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let Ok(tcp) = std::net::TcpStream::connect_timeout(&addr, timeout) else {
         return false;
@@ -528,7 +507,7 @@ pub fn answers_over_tls(port: u16, timeout: std::time::Duration) -> bool {
     };
     let config = builder
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyServer(provider)))
+        .with_custom_certificate_verifier(Arc::new(AnyServer { provider }))
         .with_no_client_auth();
     let Ok(name) = ServerName::try_from(HEAD_NAME) else {
         return false;
@@ -536,7 +515,24 @@ pub fn answers_over_tls(port: u16, timeout: std::time::Duration) -> bool {
     let Ok(conn) = rustls::ClientConnection::new(Arc::new(config), name) else {
         return false;
     };
-    let mut stream = rustls::StreamOwned::new(conn, tcp);
+    asks_for_password(&mut rustls::StreamOwned::new(conn, tcp))
+}
+
+/// Whether a Redis that asks for a password answers in plain text on `127.0.0.1:port` (a
+/// `PING` refused with `-NOAUTH`), within about `timeout` per step. Blocking; sends no secret.
+pub fn answers_plain(port: u16, timeout: std::time::Duration) -> bool {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let Ok(mut tcp) = std::net::TcpStream::connect_timeout(&addr, timeout) else {
+        return false;
+    };
+    let _ = tcp.set_read_timeout(Some(timeout));
+    let _ = tcp.set_write_timeout(Some(timeout));
+    asks_for_password(&mut tcp)
+}
+
+/// Send `PING` and read whether the server refuses it for want of a password (`-NOAUTH`): a
+/// Redis that requires one, and nothing else, answers so.
+fn asks_for_password(stream: &mut (impl std::io::Read + std::io::Write)) -> bool {
     if stream.write_all(b"*1\r\n$4\r\nPING\r\n").is_err() {
         return false;
     }
