@@ -67,6 +67,8 @@ pub fn serve_cli_role() -> Option<std::process::ExitCode> {
 pub struct NodeProc {
     pub child: tokio::process::Child,
     output: Arc<Mutex<Vec<String>>>,
+    /// The tasks reading its stdout and stderr into `output`, until their end.
+    readers: Vec<tokio::task::JoinHandle<()>>,
     _dir: TempDir,
 }
 
@@ -93,10 +95,11 @@ impl NodeProc {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn()?;
-        let output = collect_output(&mut child);
+        let (output, readers) = collect_output(&mut child);
         Ok(NodeProc {
             child,
             output,
+            readers,
             _dir: dir,
         })
     }
@@ -433,20 +436,28 @@ impl NodeProc {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn()?;
-        let output = collect_output(&mut child);
+        let (output, readers) = collect_output(&mut child);
         Ok(NodeProc {
             child,
             output,
+            readers,
             _dir: scratch,
         })
     }
 
     /// Wait (at most `limit`) for the process to exit; its status, or `None` if it still runs.
+    /// Once it has exited, its output is complete: what it wrote last is read before this
+    /// returns (unless a process it left behind holds its output open past `limit`).
     pub async fn exit_within(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
-        tokio::time::timeout(limit, self.child.wait())
+        let deadline = tokio::time::Instant::now() + limit;
+        let status = tokio::time::timeout_at(deadline, self.child.wait())
             .await
             .ok()
-            .and_then(Result::ok)
+            .and_then(Result::ok)?;
+        for reader in self.readers.drain(..) {
+            let _ = tokio::time::timeout_at(deadline, reader).await;
+        }
+        Some(status)
     }
 }
 
@@ -587,8 +598,11 @@ pub async fn run_cli(
 }
 
 /// Collect a child's stdout and stderr, line by line, as it runs.
-fn collect_output(child: &mut tokio::process::Child) -> Arc<Mutex<Vec<String>>> {
+fn collect_output(
+    child: &mut tokio::process::Child,
+) -> (Arc<Mutex<Vec<String>>>, Vec<tokio::task::JoinHandle<()>>) {
     let output = Arc::new(Mutex::new(Vec::new()));
+    let mut readers = Vec::new();
     for stream in [
         child
             .stdout
@@ -603,12 +617,12 @@ fn collect_output(child: &mut tokio::process::Child) -> Arc<Mutex<Vec<String>>> 
     .flatten()
     {
         let output = output.clone();
-        tokio::spawn(async move {
+        readers.push(tokio::spawn(async move {
             let mut lines = BufReader::new(stream).lines();
             while let Ok(Some(line)) = lines.next_line().await {
                 output.lock().expect("output lock").push(line);
             }
-        });
+        }));
     }
-    output
+    (output, readers)
 }
