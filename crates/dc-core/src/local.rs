@@ -44,6 +44,8 @@ struct Inner {
 
 #[derive(Debug, Default)]
 struct State {
+    /// Start of every session id this broker makes (`s<pid>` unless set).
+    session_prefix: Option<String>,
     active: Option<SessionId>,
     sessions: HashMap<SessionId, Session>,
     nodes: HashMap<NodeId, NodeEntry>,
@@ -112,6 +114,43 @@ impl LocalBroker {
         }
     }
 
+    /// An empty broker whose session ids start with `prefix` (`<prefix>-1`, `<prefix>-2`…)
+    /// instead of `s<pid>`: for a backend that hosts sessions in the pool's process and needs
+    /// ids no other process makes.
+    pub fn with_session_prefix(prefix: impl Into<String>) -> Self {
+        let broker = Self::new();
+        broker.lock().session_prefix = Some(prefix.into());
+        broker
+    }
+
+    /// Nodes that hold a lease now, in any session.
+    pub fn lease_holders(&self) -> Vec<NodeId> {
+        let st = self.lock();
+        let mut nodes: Vec<NodeId> = st
+            .sessions
+            .values()
+            .flat_map(|s| s.jobs.values())
+            .filter_map(|j| match &j.state {
+                JobState::Leased { node, .. } => Some(node.clone()),
+                _ => None,
+            })
+            .collect();
+        nodes.sort();
+        nodes.dedup();
+        nodes
+    }
+
+    /// A node's process is gone (its connections closed before its leases ran out): each of
+    /// its leases ends as [`AttemptEnd::NodeGone`] (a failed attempt: the job is queued again
+    /// or fails for good). Returns how many leases it held.
+    pub fn node_gone(&self, node: &NodeId) -> usize {
+        let ended = self.lock().end_leases_of(node, &AttemptEnd::NodeGone);
+        if ended > 0 {
+            self.changed();
+        }
+        ended
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock cannot leave the state half-updated in a way that
         // matters more than stopping every pool: keep going with what is there.
@@ -163,6 +202,36 @@ fn gone(session: &SessionId) -> BrokerError {
 impl State {
     fn session(&mut self, id: &SessionId) -> Result<&mut Session, BrokerError> {
         self.sessions.get_mut(id).ok_or_else(|| gone(id))
+    }
+
+    /// End every lease `node` holds, in every session, as `end`; returns how many.
+    fn end_leases_of(&mut self, node: &NodeId, end: &AttemptEnd) -> usize {
+        let mut ended = 0;
+        for s in self.sessions.values_mut() {
+            let held: Vec<(JobId, u32, WorkerId)> = s
+                .jobs
+                .iter()
+                .filter_map(|(id, j)| match &j.state {
+                    JobState::Leased {
+                        node: n, worker, ..
+                    } if n == node => Some((*id, j.attempt, worker.clone())),
+                    _ => None,
+                })
+                .collect();
+            for (job, attempt, worker) in held {
+                s.end_attempt(
+                    job,
+                    AttemptRecord {
+                        attempt,
+                        node: node.clone(),
+                        worker,
+                        end: end.clone(),
+                    },
+                );
+                ended += 1;
+            }
+        }
+        ended
     }
 
     fn expire_sessions(&mut self, now: Instant) {
@@ -262,7 +331,10 @@ impl SessionControl for LocalBroker {
                 return Ok(None);
             }
             st.next_session += 1;
-            let id = SessionId(format!("s{}-{}", std::process::id(), st.next_session));
+            let id = match &st.session_prefix {
+                Some(prefix) => SessionId(format!("{prefix}-{}", st.next_session)),
+                None => SessionId(format!("s{}-{}", std::process::id(), st.next_session)),
+            };
             let info = SessionInfo {
                 id: id.clone(),
                 spec: spec.clone(),
@@ -523,6 +595,28 @@ impl UpdateLog for LocalBroker {
         self.changed();
         Ok(seq)
     }
+    async fn publish_update_at(
+        &self,
+        session: &SessionId,
+        seq: UpdateSeq,
+        payload: Bytes,
+    ) -> Result<UpdateSeq, BrokerError> {
+        {
+            let mut st = self.lock();
+            let s = st.session(session)?;
+            let len = s.updates.len() as UpdateSeq;
+            if seq <= len && seq > 0 {
+                // Published before: a retry after a lost answer.
+                return Ok(seq);
+            }
+            if seq != len + 1 {
+                return Err(gone(session));
+            }
+            s.updates.push(payload);
+        }
+        self.changed();
+        Ok(seq)
+    }
     async fn read_updates(
         &self,
         session: &SessionId,
@@ -613,29 +707,7 @@ impl NodeRegistry for LocalBroker {
         {
             let mut st = self.lock();
             st.nodes.remove(node);
-            for s in st.sessions.values_mut() {
-                let held: Vec<(JobId, u32, WorkerId)> = s
-                    .jobs
-                    .iter()
-                    .filter_map(|(id, j)| match &j.state {
-                        JobState::Leased {
-                            node: n, worker, ..
-                        } if n == node => Some((*id, j.attempt, worker.clone())),
-                        _ => None,
-                    })
-                    .collect();
-                for (job, attempt, worker) in held {
-                    s.end_attempt(
-                        job,
-                        AttemptRecord {
-                            attempt,
-                            node: node.clone(),
-                            worker,
-                            end: AttemptEnd::NodeLeft,
-                        },
-                    );
-                }
-            }
+            st.end_leases_of(node, &AttemptEnd::NodeLeft);
         }
         self.changed();
         Ok(())

@@ -43,17 +43,23 @@ pub async fn silent_node_loses_its_lease_and_late_result_is_fenced(broker: Arc<d
     let s = open(broker.as_ref(), lease, 3).await;
     broker.submit(&s.id, jobs(0..1)).await.expect("submit");
     let stale = take(broker.as_ref(), &s.id, "silent").await.expect("a job");
+    // The lease expires in `reap_expired` or, for a backend that expires leases itself, on
+    // its own: either way the job comes back for another node, once.
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut reaped = 0;
-    while reaped == 0 && Instant::now() < deadline {
+    let again = loop {
+        assert!(
+            Instant::now() < deadline,
+            "the silent node's lease never expired"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
         broker.keep_session_alive(&s.id).await.expect("keep alive");
-        reaped = broker.reap_expired().await.expect("reap");
-    }
-    assert_eq!(reaped, 1, "the silent node's lease never expired");
-    let again = take(broker.as_ref(), &s.id, "alive")
-        .await
-        .expect("the job again");
+        reaped += broker.reap_expired().await.expect("reap");
+        if let Some(job) = take(broker.as_ref(), &s.id, "alive").await {
+            break job;
+        }
+    };
+    assert!(reaped <= 1, "one lease expired, {reaped} reported reaped");
     assert_eq!(again.lease.job, stale.lease.job);
     assert_eq!(again.lease.attempt, 2);
     let late = broker

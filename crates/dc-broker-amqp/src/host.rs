@@ -1,0 +1,444 @@
+//! The pool side: the process that opened the session holds its whole state (job table,
+//! attempts, leases, results, update log) and answers the nodes' requests.
+//!
+//! RabbitMQ runs no code of ours, so the rules that need one decider (a job leased once, the
+//! first result wins, a late result of an expired attempt is fenced) are decided here, by the
+//! same in-memory broker a local pool uses. RabbitMQ gives the rest: the session's queue,
+//! declared exclusive, is the lock that lets one pool at a time in (and frees itself when the
+//! pool's connection closes); each node's presence queue vanishes with its connection, which
+//! tells the host at once that a node's process is gone.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use dc_core::broker::{
+    Abandoned, Completion, Inspect, JobQueue, NodeId, NodeRegistry, SessionControl, SessionInfo,
+    SessionSpec, SessionState, UpdateLog, WorkerId,
+};
+use dc_core::util::lock;
+use dc_core::{Broker, BrokerError, LocalBroker};
+use futures::StreamExt;
+use lapin::options::{BasicConsumeOptions, QueueDeleteOptions};
+use lapin::types::{FieldTable, ShortString};
+use tokio::sync::{Notify, OnceCell};
+
+use crate::link::{Conn, Link, RESOURCE_LOCKED, Routed, amqp_code, broken, exclusive};
+use crate::names::Names;
+use crate::wire::{Assembler, Call, Reply, WireAbandoned, decode, encode, max_message};
+
+/// How often the host expires leases and checks its session's own keep-alive.
+const TICK: Duration = Duration::from_millis(200);
+/// How often the host checks that the nodes holding leases are still connected.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// Checks in a row that must find a node's presence queue gone before its leases end.
+const PROBE_MISSES: u32 = 3;
+/// After the host's own connection comes back, nodes get this long to come back too before
+/// their presence counts.
+const RECONNECT_GRACE: Duration = Duration::from_secs(10);
+/// Longest wait a request may ask for.
+const MAX_WAIT: Duration = Duration::from_secs(60);
+/// Most jobs, results or updates one request may ask for.
+const MAX_ITEMS: u32 = 100_000;
+
+/// A session hosted by this process.
+#[derive(Debug)]
+pub(crate) struct Host {
+    pub(crate) local: LocalBroker,
+    pub(crate) info: SessionInfo,
+    link: Arc<Link>,
+    names: Names,
+    stopped: AtomicBool,
+    stop: Notify,
+    /// The last take of each worker: a request sent again after a lost answer gets the same
+    /// jobs instead of leasing more.
+    takes: std::sync::Mutex<HashMap<WorkerId, (u64, Arc<OnceCell<Vec<u8>>>)>>,
+}
+
+impl Host {
+    /// Take the session lock and open a session; `Ok(None)` when another pool holds it.
+    pub(crate) async fn open(
+        link: Arc<Link>,
+        names: Names,
+        spec: &SessionSpec,
+    ) -> Result<Option<Arc<Host>>, BrokerError> {
+        let conn = link.conn().await?;
+        let Some(channel) = claim(&conn, &names).await? else {
+            return Ok(None);
+        };
+        let local = LocalBroker::with_session_prefix(format!("a{:016x}", random()));
+        let info = local
+            .try_open_session(spec)
+            .await?
+            .ok_or_else(|| BrokerError::Protocol("a fresh session store was busy".into()))?;
+        let host = Arc::new(Host {
+            local,
+            info,
+            link,
+            names,
+            stopped: AtomicBool::new(false),
+            stop: Notify::new(),
+            takes: std::sync::Mutex::new(HashMap::new()),
+        });
+        tokio::spawn(host.clone().serve(channel));
+        tokio::spawn(host.clone().tick());
+        Ok(Some(host))
+    }
+
+    /// Whether this host still serves its session.
+    pub(crate) fn is_active(&self) -> bool {
+        !self.stopped.load(Ordering::Acquire)
+    }
+
+    /// End the session: drop its state and free the lock.
+    pub(crate) async fn close(&self) {
+        let _ = self.local.close_session(&self.info.id).await;
+        self.halt().await;
+    }
+
+    async fn halt(&self) {
+        if self.stopped.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.stop.notify_waiters();
+        if let Some(conn) = self.link.current().await
+            && let Ok(ch) = conn.channel().await
+        {
+            let _ = ch
+                .queue_delete(self.names.session().into(), QueueDeleteOptions::default())
+                .await;
+            let _ = ch.close(200, "session closed".into()).await;
+        }
+    }
+
+    /// Take requests from the session queue until the session ends, taking the queue again
+    /// after a lost connection (and giving up the session if another pool took it meanwhile).
+    async fn serve(self: Arc<Self>, first: lapin::Channel) {
+        let mut channel = Some(first);
+        let limit = max_message(self.local.max_payload());
+        while self.is_active() {
+            let ch = match channel.take() {
+                Some(ch) => ch,
+                None => match self.reclaim().await {
+                    Some(ch) => ch,
+                    None => break,
+                },
+            };
+            let consumer = ch
+                .basic_consume(
+                    self.names.session().into(),
+                    ShortString::from(""),
+                    BasicConsumeOptions {
+                        no_ack: true,
+                        exclusive: true,
+                        ..BasicConsumeOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await;
+            let Ok(mut consumer) = consumer else {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            };
+            let mut assembler = Assembler::new(limit);
+            loop {
+                let delivery = tokio::select! {
+                    d = consumer.next() => d,
+                    () = self.stop.notified() => None,
+                };
+                let Some(Ok(delivery)) = delivery else { break };
+                let (Some(reply_to), Some(id)) = (
+                    delivery
+                        .properties
+                        .reply_to()
+                        .as_ref()
+                        .map(|r| r.to_string()),
+                    delivery
+                        .properties
+                        .correlation_id()
+                        .as_ref()
+                        .and_then(|c| c.as_str().parse::<u64>().ok()),
+                ) else {
+                    tracing::warn!("a request without a call id or answer queue: dropped");
+                    continue;
+                };
+                match assembler.add((reply_to.clone(), id), &delivery.data) {
+                    Ok(Some(bytes)) => {
+                        tokio::spawn(self.clone().answer(bytes, reply_to, id));
+                    }
+                    Ok(None) => {}
+                    Err(why) => {
+                        tracing::warn!(from = %reply_to, "a malformed request, dropped: {why}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// After a lost connection: the session queue again, or `None` when the session is over
+    /// (stopped, or another pool holds the lock now).
+    async fn reclaim(&self) -> Option<lapin::Channel> {
+        let mut pause = Duration::from_millis(100);
+        while self.is_active() {
+            match self.link.conn().await {
+                Ok(conn) => match claim(&conn, &self.names).await {
+                    Ok(Some(ch)) => {
+                        tracing::info!(session = %self.info.id, "session queue taken again after a lost connection");
+                        return Some(ch);
+                    }
+                    Ok(None) => {
+                        tracing::warn!(session = %self.info.id, "another pool took the session lock while RabbitMQ was out of reach: this session is over");
+                        let _ = self.local.close_session(&self.info.id).await;
+                        self.stopped.store(true, Ordering::Release);
+                        return None;
+                    }
+                    Err(e) => tracing::debug!("taking the session queue again: {e}"),
+                },
+                Err(e) => tracing::debug!("reconnecting to RabbitMQ: {e}"),
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(2));
+        }
+        None
+    }
+
+    /// Expire leases, notice the session's own expiry, and end the leases of nodes whose
+    /// connection is gone.
+    async fn tick(self: Arc<Self>) {
+        let mut misses: HashMap<NodeId, u32> = HashMap::new();
+        let mut last_probe = tokio::time::Instant::now();
+        let mut connected_since = tokio::time::Instant::now();
+        let mut was_connected = true;
+        while self.is_active() {
+            tokio::select! {
+                () = tokio::time::sleep(TICK) => {}
+                () = self.stop.notified() => break,
+            }
+            let _ = self.local.reap_expired().await;
+            if !matches!(self.local.active_session(Duration::ZERO).await, Ok(Some(s)) if s.id == self.info.id)
+            {
+                tracing::warn!(session = %self.info.id, "pool session ended (closed or not kept alive)");
+                self.halt().await;
+                break;
+            }
+            if last_probe.elapsed() < PROBE_EVERY {
+                continue;
+            }
+            last_probe = tokio::time::Instant::now();
+            let Some(conn) = self.link.current().await else {
+                was_connected = false;
+                misses.clear();
+                continue;
+            };
+            if !was_connected {
+                was_connected = true;
+                connected_since = tokio::time::Instant::now();
+            }
+            if connected_since.elapsed() < RECONNECT_GRACE {
+                continue;
+            }
+            let holders = self.local.lease_holders();
+            misses.retain(|n, _| holders.contains(n));
+            for node in holders {
+                match conn
+                    .publish(&self.names.presence(&node), &[], 0, None, true)
+                    .await
+                {
+                    Ok(Routed::Yes) => {
+                        misses.remove(&node);
+                    }
+                    Ok(Routed::NoQueue) => {
+                        let n = misses.entry(node.clone()).or_insert(0);
+                        *n += 1;
+                        if *n >= PROBE_MISSES {
+                            misses.remove(&node);
+                            let ended = self.local.node_gone(&node);
+                            tracing::warn!(%node, ended, "node gone (its connection to RabbitMQ closed): its jobs go back to the queue");
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+
+    /// Run one request and send its answer.
+    async fn answer(self: Arc<Self>, bytes: Vec<u8>, reply_to: String, id: u64) {
+        let reply = match decode::<Call>("a request", &bytes) {
+            Ok(call) => {
+                drop(bytes);
+                self.run(call, id).await
+            }
+            Err(e) => {
+                tracing::warn!(from = %reply_to, "an undecodable request: {e}");
+                Ok(encode(&Reply::Error(e.into())).unwrap_or_default())
+            }
+        };
+        let body = match reply {
+            Ok(b) => b,
+            Err(e) => encode(&Reply::Error(e.into())).unwrap_or_default(),
+        };
+        if let Ok(conn) = self.link.conn().await
+            && let Err(e) = conn.publish(&reply_to, &body, id, None, false).await
+        {
+            tracing::debug!("answer to {reply_to} lost: {e}");
+        }
+    }
+
+    /// The encoded answer to one call.
+    async fn run(&self, call: Call, id: u64) -> Result<Vec<u8>, BrokerError> {
+        let wait = call.wait().min(MAX_WAIT);
+        let local = &self.local;
+        let reply = match call {
+            Call::TakeJobs {
+                session,
+                node,
+                worker,
+                max,
+                ..
+            } => {
+                let cell = {
+                    let mut takes = lock(&self.takes);
+                    match takes.get(&worker) {
+                        Some((last, cell)) if *last == id => cell.clone(),
+                        _ => {
+                            let cell = Arc::new(OnceCell::new());
+                            takes.insert(worker.clone(), (id, cell.clone()));
+                            cell
+                        }
+                    }
+                };
+                let bytes = cell
+                    .get_or_try_init(|| async {
+                        let jobs = local
+                            .take_jobs(&session, &node, &worker, max.min(MAX_ITEMS) as usize, wait)
+                            .await?;
+                        encode(&Reply::Leased(jobs.into_iter().map(Into::into).collect()))
+                    })
+                    .await?;
+                return Ok(bytes.clone());
+            }
+            Call::Describe => Reply::Session(
+                local
+                    .active_session(Duration::ZERO)
+                    .await?
+                    .filter(|s| s.id == self.info.id),
+            ),
+            Call::KeepAlive { session } => {
+                Reply::Alive(local.keep_session_alive(&session).await? == SessionState::Active)
+            }
+            Call::Close { session } => {
+                if session == self.info.id {
+                    self.close().await;
+                }
+                Reply::Done
+            }
+            Call::Submit { session, jobs } => {
+                local
+                    .submit(&session, jobs.into_iter().map(Into::into).collect())
+                    .await?;
+                Reply::Done
+            }
+            Call::Complete { outcomes } => {
+                let answers = local
+                    .complete_many(
+                        outcomes
+                            .into_iter()
+                            .map(|(lease, o)| (lease, o.into()))
+                            .collect(),
+                    )
+                    .await?;
+                Reply::Completions(
+                    answers
+                        .into_iter()
+                        .map(|c| c == Completion::Accepted)
+                        .collect(),
+                )
+            }
+            Call::Abandon { lease, end } => {
+                Reply::Abandoned(match local.abandon(&lease, end).await? {
+                    Abandoned::Requeued => WireAbandoned::Requeued,
+                    Abandoned::Failed => WireAbandoned::Failed,
+                    Abandoned::Stale => WireAbandoned::Stale,
+                })
+            }
+            Call::TakeResults { session, max, .. } => Reply::Results(
+                local
+                    .take_results(&session, max.min(MAX_ITEMS) as usize, wait)
+                    .await?
+                    .into_iter()
+                    .map(Into::into)
+                    .collect(),
+            ),
+            Call::LostJobs { session, jobs } => {
+                Reply::Jobs(local.lost_jobs(&session, &jobs).await?)
+            }
+            Call::PublishUpdate {
+                session,
+                seq,
+                payload,
+            } => {
+                let payload = bytes::Bytes::from(payload.into_vec());
+                Reply::Seq(match seq {
+                    Some(seq) => local.publish_update_at(&session, seq, payload).await?,
+                    None => local.publish_update(&session, payload).await?,
+                })
+            }
+            Call::ReadUpdates {
+                session,
+                after,
+                max,
+            } => Reply::Updates(
+                local
+                    .read_updates(&session, after, max.min(MAX_ITEMS) as usize)
+                    .await?
+                    .into_iter()
+                    .map(|(seq, b)| (seq, serde_bytes::ByteBuf::from(Vec::from(b))))
+                    .collect(),
+            ),
+            Call::Heartbeat { status } => {
+                local.heartbeat(&status).await?;
+                Reply::Done
+            }
+            Call::Leave { node } => {
+                local.leave(&node).await?;
+                Reply::Done
+            }
+            Call::Problem { session, problem } => {
+                local.report_problem(&session, problem).await?;
+                Reply::Done
+            }
+            Call::Stats { session } => Reply::Stats(local.session_stats(&session).await?.into()),
+        };
+        encode(&reply)
+    }
+}
+
+/// Declare the session queue exclusive on `conn`: the lock. `Ok(None)` when another
+/// connection holds it.
+async fn claim(conn: &Conn, names: &Names) -> Result<Option<lapin::Channel>, BrokerError> {
+    let ch = conn.channel().await?;
+    match ch
+        .queue_declare(names.session().into(), exclusive(), FieldTable::default())
+        .await
+    {
+        Ok(_) => Ok(Some(ch)),
+        Err(e) if amqp_code(&e) == Some(RESOURCE_LOCKED) => Ok(None),
+        Err(e) => Err(broken("declare the session queue", e)),
+    }
+}
+
+/// 64 bits no other process is likely to pick.
+pub(crate) fn random() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default(),
+    );
+    h.finish()
+}
