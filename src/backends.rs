@@ -14,7 +14,8 @@ use dc_broker_redis::{RedisBroker, RedisOptions, TlsTrust, redis_url_as};
 use dc_core::{Broker, BrokerError, Connector, NetworkTarget, PoolError, redact_url};
 
 /// The connector of the facade's [`crate::Pool`]: Redis by default (`redis://`,
-/// `rediss://`, or a head node by join token, or by `address:port` and password).
+/// `rediss://`, or a head node by join token, or by `address:port` and password), RabbitMQ
+/// for `amqp://` and `amqps://` URLs.
 ///
 /// A value with options of its own, for every broker it reaches: the Redis options (key
 /// prefix, chunk size, response timeout, and a TLS trust for URLs that name none), a CA file
@@ -39,6 +40,8 @@ use dc_core::{Broker, BrokerError, Connector, NetworkTarget, PoolError, redact_u
 pub struct Backends {
     #[cfg(feature = "redis")]
     redis: RedisOptions,
+    #[cfg(feature = "amqp")]
+    amqp: dc_broker_amqp::AmqpOptions,
     tls_ca: Option<PathBuf>,
     known_heads: Option<PathBuf>,
 }
@@ -59,8 +62,18 @@ impl Backends {
         self
     }
 
-    /// The CA certificate file (PEM) that `rediss://` brokers' certificates must chain to,
-    /// unless the pool's builder names one.
+    /// Options of every RabbitMQ broker reached (`amqp://`, `amqps://`; default
+    /// [`AmqpOptions::default()`](dc_broker_amqp::AmqpOptions)): its namespace above all; the
+    /// connect timeout is the pool's.
+    #[cfg(feature = "amqp")]
+    #[must_use]
+    pub fn amqp_options(mut self, options: dc_broker_amqp::AmqpOptions) -> Self {
+        self.amqp = options;
+        self
+    }
+
+    /// The CA certificate file (PEM) that `rediss://` and `amqps://` brokers' certificates
+    /// must chain to, unless the pool's builder names one.
     #[must_use]
     pub fn tls_ca(mut self, path: impl Into<PathBuf>) -> Self {
         self.tls_ca = Some(path.into());
@@ -171,8 +184,20 @@ impl Backends {
                     redact_url(url)
                 )))
             }
+            #[cfg(feature = "amqp")]
+            "amqp" | "amqps" => {
+                let mut options = self.amqp.clone().connect_timeout(timeout);
+                if let Some(file) = tls_ca {
+                    options = options.tls_ca(file);
+                }
+                match dc_broker_amqp::AmqpBroker::connect(url, &options).await {
+                    Ok(broker) => Ok(Arc::new(broker)),
+                    Err(e) => Err(classify(e)),
+                }
+            }
+            #[cfg(not(feature = "amqp"))]
             "amqp" | "amqps" => Err(PoolError::Config(format!(
-                "{}: the RabbitMQ backend is not in this build yet; use a head node or redis://",
+                "{}: this build has no `amqp` feature (the RabbitMQ backend)",
                 redact_url(url)
             ))),
             _ => Err(PoolError::Broker(BrokerError::UnsupportedUrl(redact_url(
@@ -221,23 +246,23 @@ pub async fn connect_target(target: &NetworkTarget) -> Result<Arc<dyn Broker>, P
 }
 
 /// Connect to the broker a URL names, by scheme: `redis://` (Redis, the default backend) and
-/// `rediss://` (Redis over TLS, checked against the system's root certificates); `amqp://` (until
-/// the RabbitMQ backend lands) is refused with a message saying what to use instead.
+/// `rediss://` (Redis over TLS, checked against the system's root certificates); `amqp://`
+/// and `amqps://` (RabbitMQ, namespace `dc`).
 ///
 /// # Errors
 /// [`PoolError::Auth`] for a refused password or certificate, [`PoolError::Unreachable`] when
 /// nothing answers within `timeout`, [`PoolError::Broker`] when what answers is not a Redis
-/// server, [`PoolError::Config`] for `amqp://`, and an unsupported URL for any other scheme.
+/// server, [`PoolError::Config`] for a scheme whose backend this build lacks, and an
+/// unsupported URL for any other scheme.
 ///
 /// # Examples
 /// ```
 /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
 /// use std::time::Duration;
-/// use distributed_computing::{PoolError, broker_from_url};
+/// use distributed_computing::{BrokerError, PoolError, broker_from_url};
 ///
-/// let refused = broker_from_url("amqp://head:5672", Duration::from_secs(1)).await;
-/// let Err(PoolError::Config(message)) = refused else { panic!("amqp:// is refused") };
-/// assert!(message.contains("RabbitMQ"));
+/// let refused = broker_from_url("mqtt://head:1883", Duration::from_secs(1)).await;
+/// assert!(matches!(refused, Err(PoolError::Broker(BrokerError::UnsupportedUrl(_)))));
 /// # });
 /// ```
 pub async fn broker_from_url(url: &str, timeout: Duration) -> Result<Arc<dyn Broker>, PoolError> {
@@ -245,7 +270,7 @@ pub async fn broker_from_url(url: &str, timeout: Duration) -> Result<Arc<dyn Bro
 }
 
 /// Map a backend's connect error to what a pool user matches on.
-#[cfg(feature = "redis")]
+#[cfg(any(feature = "redis", feature = "amqp"))]
 pub(crate) fn classify(e: BrokerError) -> PoolError {
     match e {
         BrokerError::Auth(m) => PoolError::Auth(m.to_string()),

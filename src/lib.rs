@@ -12,8 +12,8 @@
 //!
 //! - `redis` (default): the Redis backend: `redis://` and `rediss://` URLs, head nodes reached
 //!   by join token or password, and nodes, pool servers and heads started from code.
-//! - `amqp` (default): the RabbitMQ backend, empty for now (`amqp://` is refused with a
-//!   message saying what to use instead).
+//! - `amqp` (default): the RabbitMQ backend: `amqp://` and `amqps://` URLs (the pool that
+//!   opens a session coordinates it; nodes reach it through RabbitMQ).
 //! - `cli` (default, turns on `redis`): `main_with` and `main_with_args`, the command line of
 //!   `dc-cli` and of a user's own node binary.
 //! - `bench` (off): `dc-cli bench` and its no-op worker kind `__dc-bench`; the `dc-cli` binary
@@ -44,6 +44,8 @@ pub use node::{
 };
 pub use pool::{Pool, PoolBuilder};
 
+#[cfg(feature = "amqp")]
+pub use dc_broker_amqp::{AmqpBroker, AmqpOptions};
 #[cfg(feature = "redis")]
 pub use dc_broker_redis::server::RedisProcess;
 #[cfg(feature = "redis")]

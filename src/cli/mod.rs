@@ -119,12 +119,13 @@ struct Connection {
     #[arg(long)]
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     no_tls: bool,
-    /// CA certificate file (PEM) that a rediss:// broker's certificate must chain to (default:
+    /// CA certificate file (PEM) that a rediss:// or amqps:// broker's certificate must chain to (default:
     /// the system's roots).
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     tls_ca: Option<PathBuf>,
-    /// Use an existing broker by URL instead of a head node (redis://…, rediss://…).
+    /// Use an existing broker by URL instead of a head node (redis://…, rediss://…, amqp://…,
+    /// amqps://…).
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     broker: Option<String>,

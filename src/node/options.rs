@@ -82,7 +82,8 @@ impl NodeOptions {
         self
     }
 
-    /// An existing broker by URL instead of a head node (`redis://…`, `rediss://…`).
+    /// An existing broker by URL instead of a head node (`redis://…`, `rediss://…`,
+    /// `amqp://…`, `amqps://…`).
     #[must_use]
     pub fn broker(mut self, url: impl Into<String>) -> Self {
         self.target.url = Some(url.into());
@@ -104,7 +105,7 @@ impl NodeOptions {
         self
     }
 
-    /// The CA file a `rediss://` broker's certificate must chain to.
+    /// The CA file a `rediss://` or `amqps://` broker's certificate must chain to.
     #[must_use]
     pub fn tls_ca(mut self, path: impl Into<PathBuf>) -> Self {
         self.target.tls_ca = Some(path.into());

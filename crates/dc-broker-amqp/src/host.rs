@@ -31,7 +31,7 @@ use crate::wire::{Assembler, Call, Reply, WireAbandoned, decode, encode, max_mes
 /// How often the host expires leases and checks its session's own keep-alive.
 const TICK: Duration = Duration::from_millis(200);
 /// How often the host checks that the nodes holding leases are still connected.
-const PROBE_EVERY: Duration = Duration::from_secs(1);
+const PROBE_EVERY: Duration = Duration::from_millis(500);
 /// Checks in a row that must find a node's presence queue gone before its leases end.
 const PROBE_MISSES: u32 = 3;
 /// After the host's own connection comes back, nodes get this long to come back too before
@@ -208,8 +208,9 @@ impl Host {
     async fn tick(self: Arc<Self>) {
         let mut misses: HashMap<NodeId, u32> = HashMap::new();
         let mut last_probe = tokio::time::Instant::now();
-        let mut connected_since = tokio::time::Instant::now();
-        let mut was_connected = true;
+        let mut connections = self.link.connections();
+        // When the host's connection was last made again (not its first).
+        let mut regained: Option<tokio::time::Instant> = None;
         while self.is_active() {
             tokio::select! {
                 () = tokio::time::sleep(TICK) => {}
@@ -227,15 +228,15 @@ impl Host {
             }
             last_probe = tokio::time::Instant::now();
             let Some(conn) = self.link.current().await else {
-                was_connected = false;
                 misses.clear();
                 continue;
             };
-            if !was_connected {
-                was_connected = true;
-                connected_since = tokio::time::Instant::now();
+            if self.link.connections() != connections {
+                connections = self.link.connections();
+                regained = Some(tokio::time::Instant::now());
+                misses.clear();
             }
-            if connected_since.elapsed() < RECONNECT_GRACE {
+            if regained.is_some_and(|at| at.elapsed() < RECONNECT_GRACE) {
                 continue;
             }
             let holders = self.local.lease_holders();

@@ -67,6 +67,8 @@ pub(crate) struct Link {
     /// Presence queues to declare on every connection (one per node this process runs).
     presence: std::sync::Mutex<BTreeSet<String>>,
     next_id: AtomicU64,
+    /// Connections made so far.
+    connections: AtomicU64,
 }
 
 /// One connection and what lives on it.
@@ -201,7 +203,14 @@ impl Link {
             current: tokio::sync::Mutex::new(None),
             presence: std::sync::Mutex::new(BTreeSet::new()),
             next_id: AtomicU64::new(seed),
+            connections: AtomicU64::new(0),
         }
+    }
+
+    /// How many connections this link has made: it moves when a lost connection is made
+    /// again.
+    pub(crate) fn connections(&self) -> u64 {
+        self.connections.load(Ordering::Acquire)
     }
 
     pub(crate) fn next_id(&self) -> u64 {
@@ -232,6 +241,7 @@ impl Link {
                 )
             })??;
         *current = Some(conn.clone());
+        self.connections.fetch_add(1, Ordering::AcqRel);
         Ok(conn)
     }
 
