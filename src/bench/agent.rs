@@ -54,6 +54,20 @@ impl NodeRuntime {
         Ok(NodeRuntime { runtime, agent })
     }
 
+    /// The same on RabbitMQ, in the run's namespace.
+    pub(super) async fn start_amqp(target: &super::amqp::AmqpTarget) -> Result<Self, BoxError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("dc-bench-node")
+            .enable_all()
+            .build()?;
+        let target = target.clone();
+        let agent = runtime
+            .spawn(async move { cpu_agent(target.broker().await?, WORKERS, false) })
+            .await??;
+        Ok(NodeRuntime { runtime, agent })
+    }
+
     pub(super) async fn shutdown(self) {
         let NodeRuntime { runtime, agent } = self;
         let _ = runtime.spawn(agent.shutdown()).await;

@@ -18,6 +18,7 @@
 //! - `baselines`: the raw-Redis baselines; `workloads`: W1–W4; `failover`: W5; `scale`: W6.
 
 mod agent;
+mod amqp;
 mod baselines;
 mod failover;
 mod report;
@@ -34,6 +35,7 @@ use dc_core::testing::support::TempDir;
 use dc_core::{BoxError, Broker, LocalBroker};
 
 use agent::NodeRuntime;
+use amqp::{AmqpTarget, measure_amqp_baselines, push_amqp_baselines};
 use baselines::{connect, delete_prefix, measure_baselines};
 use failover::{Failover, failover_workloads};
 use report::{Report, Row, fmt_num, push_baselines};
@@ -93,9 +95,10 @@ pub(crate) async fn run(
     let mode = match broker {
         "local" | "redis" => broker.to_string(),
         url if url.starts_with("redis://") || url.starts_with("rediss://") => "url".to_string(),
+        url if dc_broker_amqp::is_amqp_url(url) => "amqp".to_string(),
         other => {
             return Err(format!(
-                "--broker {other:?}: expected local, redis or a redis:// URL"
+                "--broker {other:?}: expected local, redis, a redis:// URL or an amqp:// URL"
             ));
         }
     };
@@ -117,6 +120,7 @@ pub(crate) async fn run(
     let result = match mode.as_str() {
         "local" => run_local(&mut report, sizes).await,
         "redis" => run_dedicated(&mut report, sizes, tls).await,
+        "amqp" => run_amqp(&mut report, sizes, broker).await,
         _ => run_url(&mut report, sizes, broker).await,
     };
     if !json {
@@ -207,6 +211,38 @@ async fn run_url(report: &mut Report, sizes: Sizes, url: &str) -> Result<(), Box
     if let Ok(mut conn) = connect(&server).await {
         let _ = delete_prefix(&mut conn, &server.prefix).await;
     }
+    result
+}
+
+async fn run_amqp(report: &mut Report, sizes: Sizes, url: &str) -> Result<(), BoxError> {
+    let target = AmqpTarget::new(url);
+    let result = async {
+        match measure_amqp_baselines(url, sizes).await {
+            Ok(b) => push_amqp_baselines(report, b),
+            Err(e) => report.push(Row::skipped(
+                "baseline",
+                "none",
+                format!("no baselines: bare messages failed ({e})"),
+            )),
+        }
+        let agent = NodeRuntime::start_amqp(&target).await?;
+        let result = pool_workloads(report, sizes, &PoolTarget::Amqp(&target)).await;
+        agent.shutdown().await;
+        result?;
+        report.push(Row::skipped(
+            "W5",
+            "failover_s",
+            "not run on RabbitMQ (the AMQP cluster tests time a killed node's failover)",
+        ));
+        report.push(Row::skipped(
+            "W6",
+            "jobs_per_s",
+            "not run on RabbitMQ: simulated slots measure the agent and the Redis broker",
+        ));
+        Ok::<(), BoxError>(())
+    }
+    .await;
+    target.clean_up().await;
     result
 }
 

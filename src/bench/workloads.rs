@@ -20,6 +20,8 @@ pub(super) enum PoolTarget<'a> {
     Local,
     /// A pool on this Redis, served by the bench's own agent.
     Redis(&'a Server),
+    /// A pool on RabbitMQ, served by the bench's own agent.
+    Amqp(&'a super::amqp::AmqpTarget),
 }
 
 /// Open a pool with automatic batching on or off, wait for its 2 workers and warm it up
@@ -34,6 +36,12 @@ pub(super) async fn open_pool(
         PoolTarget::Redis(server) => {
             builder
                 .broker_instance(redis_broker(server).await?)
+                .connect()
+                .await?
+        }
+        PoolTarget::Amqp(target) => {
+            builder
+                .broker_instance(target.broker().await?)
                 .connect()
                 .await?
         }

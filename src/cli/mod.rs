@@ -277,8 +277,16 @@ pub fn main_with_args(args: Vec<std::ffi::OsString>) -> ExitCode {
 }
 
 fn init_tracing(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("DC_LOG")
+    let mut filter = tracing_subscriber::EnvFilter::try_from_env("DC_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // The RabbitMQ client logs, as warnings and errors, what the backend asks for on purpose
+    // and handles itself: a request to a session queue that does not exist comes back, and a
+    // second pool's claim of the session lock is refused. Its other messages stay.
+    for quiet in ["lapin::returned_messages=off", "lapin::channel=off"] {
+        if let Ok(directive) = quiet.parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

@@ -24,7 +24,7 @@ use crate::wire::{Assembler, parts};
 /// connection lost; the pool and the agent then retry on their own schedule.
 const REACH_FOR: Duration = Duration::from_secs(10);
 /// Time an answer may take beyond the call's own wait: the round trip and a busy host.
-const ANSWER_SLACK: Duration = Duration::from_secs(15);
+const ANSWER_SLACK: Duration = Duration::from_secs(5);
 
 /// AMQP reply codes this backend reads.
 pub(crate) const RESOURCE_LOCKED: u16 = 405;
