@@ -306,20 +306,34 @@ async fn amqp_poison_job_fails_alone_and_long_job_on_a_live_node_is_kept() -> Te
     Ok(())
 }
 
-/// 600 MiB in and 600 MiB out, through RabbitMQ in parts.
+/// 600 MiB in and 600 MiB out, through RabbitMQ in parts, on a 5 s lease: heartbeats travel
+/// on a connection of their own, so moving the payload never lets the lease run out (the job
+/// runs once).
 async fn amqp_600_mib_each_way() -> TestResult {
     let vhost = Vhost::new("big")?;
     let url = vhost.url();
     let mut node = start_node(&url, 1).await?;
-    let pool = pool(&url, "big", Duration::from_secs(10)).await?;
+    let pool = pool(&url, "big", Duration::from_secs(5)).await?;
     check!(wait_workers(&pool, 1).await, "no worker came");
     let n = 600 << 20;
     let data: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
     let started = Instant::now();
-    let outs = pool
-        .map(vec![ProbeJob::Reverse(serde_bytes::ByteBuf::from(data))])
-        .await?;
+    let file = runs_file("big");
+    let outs = match pool
+        .map(vec![ProbeJob::ReverseCounted(
+            file.clone(),
+            1,
+            serde_bytes::ByteBuf::from(data),
+        )])
+        .await
+    {
+        Ok(outs) => outs,
+        Err(e) => return Err(format!("{e}; the node's output:\n{}", node.output()).into()),
+    };
     let took = started.elapsed();
+    let ran = runs(&file).get(&1).map_or(0, Vec::len);
+    let _ = std::fs::remove_file(&file);
+    check!(ran == 1, "the 600 MiB job ran {ran} times");
     let bytes = outs[0].bytes.as_ref().ok_or("no bytes came back")?;
     check!(bytes.len() == n, "{} bytes came back", bytes.len());
     check!(

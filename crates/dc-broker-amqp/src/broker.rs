@@ -127,11 +127,20 @@ impl AmqpBroker {
     /// Send a request to the hosting pool: `Ok(None)` when no pool hosts a session.
     async fn call(&self, call: Call) -> Result<Option<Reply>, BrokerError> {
         let wait = call.wait();
+        let big_answer = call.big_answer();
         let body = encode(&call)?;
+        drop(call);
+        let names = &self.inner.names;
         let Some(bytes) = self
             .inner
             .link
-            .call(&self.inner.names.session(), &body, wait)
+            .call(
+                &names.session(),
+                &names.session_bulk(),
+                &body,
+                wait,
+                big_answer,
+            )
             .await?
         else {
             return Ok(None);

@@ -53,7 +53,7 @@ pub(crate) struct Host {
     stop: Notify,
     /// The last take of each worker: a request sent again after a lost answer gets the same
     /// jobs instead of leasing more.
-    takes: std::sync::Mutex<HashMap<WorkerId, (u64, Arc<OnceCell<Vec<u8>>>)>>,
+    takes: std::sync::Mutex<HashMap<WorkerId, (u64, Arc<OnceCell<Answer>>)>>,
 }
 
 impl Host {
@@ -66,6 +66,16 @@ impl Host {
         let conn = link.conn().await?;
         let Some(channel) = claim(&conn, &names).await? else {
             return Ok(None);
+        };
+        let bulk_channel = match claim_bulk(&link, &names).await {
+            Ok(ch) => ch,
+            Err(e) => {
+                // Free the lock again: a session without its bulk queue cannot serve.
+                let _ = channel
+                    .queue_delete(names.session().into(), QueueDeleteOptions::default())
+                    .await;
+                return Err(e);
+            }
         };
         let local = LocalBroker::with_session_prefix(format!("a{:016x}", random()));
         let info = local
@@ -81,7 +91,8 @@ impl Host {
             stop: Notify::new(),
             takes: std::sync::Mutex::new(HashMap::new()),
         });
-        tokio::spawn(host.clone().serve(channel));
+        tokio::spawn(host.clone().serve(Lane::Control, channel));
+        tokio::spawn(host.clone().serve(Lane::Bulk, bulk_channel));
         tokio::spawn(host.clone().tick());
         Ok(Some(host))
     }
@@ -102,32 +113,42 @@ impl Host {
             return;
         }
         self.stop.notify_waiters();
-        if let Some(conn) = self.link.current().await
-            && let Ok(ch) = conn.channel().await
-        {
-            let _ = ch
-                .queue_delete(self.names.session().into(), QueueDeleteOptions::default())
-                .await;
-            let _ = ch.close(200, "session closed".into()).await;
+        for (conn, queue) in [
+            (self.link.bulk().await.ok(), self.names.session_bulk()),
+            (self.link.current().await, self.names.session()),
+        ] {
+            if let Some(conn) = conn
+                && let Ok(ch) = conn.channel().await
+            {
+                let _ = ch
+                    .queue_delete(queue.into(), QueueDeleteOptions::default())
+                    .await;
+                let _ = ch.close(200, "session closed".into()).await;
+            }
         }
     }
 
-    /// Take requests from the session queue until the session ends, taking the queue again
-    /// after a lost connection (and giving up the session if another pool took it meanwhile).
-    async fn serve(self: Arc<Self>, first: lapin::Channel) {
+    /// Take requests from one of the session's queues until the session ends, taking the
+    /// queue again after a lost connection (and giving up the session if another pool took
+    /// the lock meanwhile).
+    async fn serve(self: Arc<Self>, lane: Lane, first: lapin::Channel) {
         let mut channel = Some(first);
         let limit = max_message(self.local.max_payload());
+        let queue = match lane {
+            Lane::Control => self.names.session(),
+            Lane::Bulk => self.names.session_bulk(),
+        };
         while self.is_active() {
             let ch = match channel.take() {
                 Some(ch) => ch,
-                None => match self.reclaim().await {
+                None => match self.reclaim(lane).await {
                     Some(ch) => ch,
                     None => break,
                 },
             };
             let consumer = ch
                 .basic_consume(
-                    self.names.session().into(),
+                    queue.clone().into(),
                     ShortString::from(""),
                     BasicConsumeOptions {
                         no_ack: true,
@@ -176,26 +197,31 @@ impl Host {
         }
     }
 
-    /// After a lost connection: the session queue again, or `None` when the session is over
+    /// After a lost connection: the lane's queue again, or `None` when the session is over
     /// (stopped, or another pool holds the lock now).
-    async fn reclaim(&self) -> Option<lapin::Channel> {
+    async fn reclaim(&self, lane: Lane) -> Option<lapin::Channel> {
         let mut pause = Duration::from_millis(100);
         while self.is_active() {
-            match self.link.conn().await {
-                Ok(conn) => match claim(&conn, &self.names).await {
-                    Ok(Some(ch)) => {
-                        tracing::info!(session = %self.info.id, "session queue taken again after a lost connection");
-                        return Some(ch);
-                    }
-                    Ok(None) => {
-                        tracing::warn!(session = %self.info.id, "another pool took the session lock while RabbitMQ was out of reach: this session is over");
-                        let _ = self.local.close_session(&self.info.id).await;
-                        self.stopped.store(true, Ordering::Release);
-                        return None;
-                    }
-                    Err(e) => tracing::debug!("taking the session queue again: {e}"),
+            let claimed = match lane {
+                Lane::Control => match self.link.conn().await {
+                    Ok(conn) => claim(&conn, &self.names).await,
+                    Err(e) => Err(e),
                 },
-                Err(e) => tracing::debug!("reconnecting to RabbitMQ: {e}"),
+                Lane::Bulk => claim_bulk(&self.link, &self.names).await.map(Some),
+            };
+            match claimed {
+                Ok(Some(ch)) => {
+                    tracing::info!(session = %self.info.id, ?lane, "session queue taken again after a lost connection");
+                    return Some(ch);
+                }
+                Ok(None) => {
+                    tracing::warn!(session = %self.info.id, "another pool took the session lock while RabbitMQ was out of reach: this session is over");
+                    let _ = self.local.close_session(&self.info.id).await;
+                    self.stopped.store(true, Ordering::Release);
+                    self.stop.notify_waiters();
+                    return None;
+                }
+                Err(e) => tracing::debug!(?lane, "taking the session queue again: {e}"),
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_secs(2));
@@ -273,22 +299,48 @@ impl Host {
             }
             Err(e) => {
                 tracing::warn!(from = %reply_to, "an undecodable request: {e}");
-                Ok(encode(&Reply::Error(e.into())).unwrap_or_default())
+                Err(e)
             }
         };
-        let body = match reply {
-            Ok(b) => b,
-            Err(e) => encode(&Reply::Error(e.into())).unwrap_or_default(),
+        let answer = match reply {
+            Ok(a) => a,
+            Err(e) => Answer::plain(encode(&Reply::Error(e.into())).unwrap_or_default()),
         };
-        if let Ok(conn) = self.link.conn().await
-            && let Err(e) = conn.publish(&reply_to, &body, id, None, false).await
-        {
-            tracing::debug!("answer to {reply_to} lost: {e}");
+        let body = &answer.bytes;
+        let send = async {
+            if let Ok(conn) = self.link.conn_for(body.len()).await
+                && let Err(e) = conn.publish(&reply_to, body, id, None, false).await
+            {
+                tracing::debug!("answer to {reply_to} lost: {e}");
+            }
+        };
+        if answer.leases.is_empty() {
+            send.await;
+            return;
         }
+        // A take's answer is kept for a retry of the same request; one with big payloads
+        // is not kept past its sending (a retry then leases other jobs, and the leases of
+        // the lost answer expire).
+        if body.len() > crate::link::BULK {
+            lock(&self.takes).retain(|_, (last, _)| *last != id);
+        }
+        // The node cannot list these leases in its heartbeats before it has the jobs: while
+        // they are on their way (hundreds of MiB take seconds), the host renews them itself.
+        let renew = async {
+            loop {
+                self.local.renew(&answer.leases);
+                tokio::time::sleep(TICK).await;
+            }
+        };
+        tokio::select! {
+            () = send => {}
+            () = renew => {}
+        }
+        self.local.renew(&answer.leases);
     }
 
     /// The encoded answer to one call.
-    async fn run(&self, call: Call, id: u64) -> Result<Vec<u8>, BrokerError> {
+    async fn run(&self, call: Call, id: u64) -> Result<Answer, BrokerError> {
         let wait = call.wait().min(MAX_WAIT);
         let local = &self.local;
         let reply = match call {
@@ -310,15 +362,21 @@ impl Host {
                         }
                     }
                 };
-                let bytes = cell
+                let answer = cell
                     .get_or_try_init(|| async {
                         let jobs = local
                             .take_jobs(&session, &node, &worker, max.min(MAX_ITEMS) as usize, wait)
                             .await?;
-                        encode(&Reply::Leased(jobs.into_iter().map(Into::into).collect()))
+                        let leases = jobs.iter().map(|j| j.lease.clone()).collect();
+                        let bytes =
+                            encode(&Reply::Leased(jobs.into_iter().map(Into::into).collect()))?;
+                        Ok::<_, BrokerError>(Answer {
+                            bytes: bytes.into(),
+                            leases,
+                        })
                     })
                     .await?;
-                return Ok(bytes.clone());
+                return Ok(answer.clone());
             }
             Call::Describe => Reply::Session(
                 local
@@ -412,7 +470,56 @@ impl Host {
             }
             Call::Stats { session } => Reply::Stats(local.session_stats(&session).await?.into()),
         };
-        encode(&reply)
+        encode(&reply).map(Answer::plain)
+    }
+}
+
+/// An encoded answer, and the leases it hands out (renewed while it is on its way).
+#[derive(Debug, Clone)]
+struct Answer {
+    bytes: bytes::Bytes,
+    leases: Vec<dc_core::broker::Lease>,
+}
+
+impl Answer {
+    fn plain(bytes: Vec<u8>) -> Self {
+        Answer {
+            bytes: bytes.into(),
+            leases: Vec::new(),
+        }
+    }
+}
+
+/// Which of the session's two request queues.
+#[derive(Debug, Clone, Copy)]
+enum Lane {
+    /// `<ns>.session`, on the control connection: the lock, and every small request.
+    Control,
+    /// `<ns>.session.bulk`, on the bulk connection: requests over a MiB.
+    Bulk,
+}
+
+/// Declare the bulk request queue exclusive on the bulk connection. Only the lock's holder
+/// declares it; a lost connection may leave it locked a moment, so a refusal is retried.
+async fn claim_bulk(link: &Link, names: &Names) -> Result<lapin::Channel, BrokerError> {
+    let mut tries = 0;
+    loop {
+        let ch = link.bulk().await?.channel().await?;
+        match ch
+            .queue_declare(
+                names.session_bulk().into(),
+                exclusive(),
+                FieldTable::default(),
+            )
+            .await
+        {
+            Ok(_) => return Ok(ch),
+            Err(e) if amqp_code(&e) == Some(RESOURCE_LOCKED) && tries < 50 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(broken("declare the bulk session queue", e)),
+        }
     }
 }
 

@@ -1,6 +1,10 @@
-//! One process's link to RabbitMQ: a connection made again after it drops, a confirm-mode
-//! channel to publish on, a private queue for answers, and the node presence queues this
-//! process keeps declared.
+//! One process's link to RabbitMQ: two connections, each made again after it drops, each with
+//! a confirm-mode channel to publish on and a private queue for answers. The *control*
+//! connection carries small requests and answers (heartbeats above all) and keeps the node
+//! presence queues this process runs declared; the *bulk* connection carries every request or
+//! answer over [`BULK`] bytes. RabbitMQ throttles a connection that publishes faster than its
+//! queues drain (flow control): with big payloads on their own connection, a heartbeat is
+//! never stuck behind hundreds of MiB, and no lease expires while a node moves a big payload.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -25,6 +29,11 @@ use crate::wire::{Assembler, parts};
 const REACH_FOR: Duration = Duration::from_secs(10);
 /// Time an answer may take beyond the call's own wait: the round trip and a busy host.
 const ANSWER_SLACK: Duration = Duration::from_secs(5);
+/// Requests and answers larger than this travel on the bulk connection (and requests to the
+/// bulk request queue).
+pub(crate) const BULK: usize = 1 << 20;
+/// Time a bulk answer may take per MiB beyond its wait (a slow machine moves 20 MiB/s).
+const PER_MIB: Duration = Duration::from_millis(20);
 
 /// AMQP reply codes this backend reads.
 pub(crate) const RESOURCE_LOCKED: u16 = 405;
@@ -63,7 +72,8 @@ pub(crate) struct Link {
     target: Target,
     /// Largest request or answer taken from the network.
     max_message: usize,
-    current: tokio::sync::Mutex<Option<Arc<Conn>>>,
+    control: tokio::sync::Mutex<Option<Arc<Conn>>>,
+    bulk: tokio::sync::Mutex<Option<Arc<Conn>>>,
     /// Presence queues to declare on every connection (one per node this process runs).
     presence: std::sync::Mutex<BTreeSet<String>>,
     next_id: AtomicU64,
@@ -200,7 +210,8 @@ impl Link {
         Link {
             target,
             max_message,
-            current: tokio::sync::Mutex::new(None),
+            control: tokio::sync::Mutex::new(None),
+            bulk: tokio::sync::Mutex::new(None),
             presence: std::sync::Mutex::new(BTreeSet::new()),
             next_id: AtomicU64::new(seed),
             connections: AtomicU64::new(0),
@@ -217,9 +228,24 @@ impl Link {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// The live connection, connecting (again) if there is none.
+    /// The live control connection, connecting (again) if there is none.
     pub(crate) async fn conn(&self) -> Result<Arc<Conn>, BrokerError> {
-        let mut current = self.current.lock().await;
+        self.slot(false).await
+    }
+
+    /// The connection for a message of `len` bytes: bulk when it is over [`BULK`].
+    pub(crate) async fn conn_for(&self, len: usize) -> Result<Arc<Conn>, BrokerError> {
+        self.slot(len > BULK).await
+    }
+
+    /// The live bulk connection, connecting (again) if there is none.
+    pub(crate) async fn bulk(&self) -> Result<Arc<Conn>, BrokerError> {
+        self.slot(true).await
+    }
+
+    async fn slot(&self, bulk: bool) -> Result<Arc<Conn>, BrokerError> {
+        let slot = if bulk { &self.bulk } else { &self.control };
+        let mut current = slot.lock().await;
         if let Some(c) = current.as_ref()
             && !c.is_dead()
         {
@@ -229,7 +255,7 @@ impl Link {
             old.mark_dead();
             let _ = old.connection.close(200, "reconnecting".into()).await;
         }
-        let conn = tokio::time::timeout(self.target.connect_timeout, self.connect())
+        let conn = tokio::time::timeout(self.target.connect_timeout, self.connect(!bulk))
             .await
             .map_err(|_| {
                 BrokerError::Connection(
@@ -241,13 +267,15 @@ impl Link {
                 )
             })??;
         *current = Some(conn.clone());
-        self.connections.fetch_add(1, Ordering::AcqRel);
+        if !bulk {
+            self.connections.fetch_add(1, Ordering::AcqRel);
+        }
         Ok(conn)
     }
 
-    /// The live connection if there is one, without connecting.
+    /// The live control connection if there is one, without connecting.
     pub(crate) async fn current(&self) -> Option<Arc<Conn>> {
-        self.current
+        self.control
             .lock()
             .await
             .as_ref()
@@ -255,10 +283,12 @@ impl Link {
             .cloned()
     }
 
-    async fn connect(&self) -> Result<Arc<Conn>, BrokerError> {
+    /// A new connection; `control`: also declare the presence queues this process keeps.
+    async fn connect(&self, control: bool) -> Result<Arc<Conn>, BrokerError> {
         let runtime = lapin::runtime::default_runtime().map_err(|e| broken("runtime", e))?;
+        let role = if control { "control" } else { "bulk" };
         let props = ConnectionProperties::default()
-            .with_connection_name(format!("dc {}", std::process::id()).into());
+            .with_connection_name(format!("dc {} {role}", std::process::id()).into());
         let connection = Connection::connect_with_config(
             &self.target.url,
             props,
@@ -306,7 +336,11 @@ impl Link {
             )
             .await
             .map_err(|e| broken("consume answers", e))?;
-        let names: Vec<String> = lock(&self.presence).iter().cloned().collect();
+        let names: Vec<String> = if control {
+            lock(&self.presence).iter().cloned().collect()
+        } else {
+            Vec::new()
+        };
         for name in names {
             publish
                 .queue_declare(name.into(), exclusive(), presence_args())
@@ -388,15 +422,27 @@ impl Link {
         }
     }
 
-    /// Send a request to the queue `to` and wait for its answer: `Ok(None)` when no queue of
-    /// that name exists (nobody hosts it). The same id goes out again after a lost
-    /// connection, so the host can tell a retry from a new request.
+    /// Send a request to the queue `to` (or `bulk_to`, for a request over [`BULK`] bytes)
+    /// and wait for its answer: `Ok(None)` when no queue of that name exists (nobody hosts
+    /// it). The same id goes out again after a lost connection, so the host can tell a retry
+    /// from a new request.
     pub(crate) async fn call(
         &self,
         to: &str,
+        bulk_to: &str,
         body: &[u8],
         wait: Duration,
+        big_answer: bool,
     ) -> Result<Option<Vec<u8>>, BrokerError> {
+        let bulk = body.len() > BULK;
+        let to = if bulk { bulk_to } else { to };
+        // A big request, or one whose answer may be big, waits longer for it.
+        let wait = if bulk || big_answer {
+            let mib = u32::try_from(body.len() >> 20).unwrap_or(u32::MAX);
+            wait + PER_MIB * mib.max(if big_answer { 1024 } else { 0 })
+        } else {
+            wait
+        };
         let id = self.next_id();
         let reach_until = tokio::time::Instant::now() + REACH_FOR;
         let mut last_error: Option<BrokerError> = None;
@@ -406,7 +452,10 @@ impl Link {
                     BrokerError::Connection("RabbitMQ could not be reached".into())
                 }));
             }
-            let conn = match self.conn().await {
+            // Big requests, and requests whose answers may be big, go on the bulk connection
+            // (their answers come back to its answer queue), so that neither end's control
+            // connection spends time on big payloads.
+            let conn = match self.slot(bulk || big_answer).await {
                 Ok(c) => c,
                 Err(e @ BrokerError::Auth(_)) => return Err(e),
                 Err(e) => {
@@ -453,11 +502,13 @@ impl Link {
         }
     }
 
-    /// Close the connection (the process is done with RabbitMQ).
+    /// Close the connections (the process is done with RabbitMQ).
     pub(crate) async fn close(&self) {
-        if let Some(c) = self.current.lock().await.take() {
-            c.mark_dead();
-            let _ = c.connection.close(200, "closed".into()).await;
+        for slot in [&self.control, &self.bulk] {
+            if let Some(c) = slot.lock().await.take() {
+                c.mark_dead();
+                let _ = c.connection.close(200, "closed".into()).await;
+            }
         }
     }
 }

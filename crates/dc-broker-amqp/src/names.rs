@@ -23,6 +23,12 @@ impl Names {
         format!("{}.session", self.ns)
     }
 
+    /// The session's second request queue, for requests too big for the first: a heartbeat
+    /// never waits behind a big payload in one queue.
+    pub(crate) fn session_bulk(&self) -> String {
+        format!("{}.session.bulk", self.ns)
+    }
+
     /// The node registry: a stream of node heartbeats, read by `status`.
     pub(crate) fn registry(&self) -> String {
         format!("{}.nodes", self.ns)

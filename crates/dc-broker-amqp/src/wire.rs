@@ -108,6 +108,16 @@ impl Call {
     }
 }
 
+impl Call {
+    /// Whether the answer may carry payloads (and so be big).
+    pub(crate) fn big_answer(&self) -> bool {
+        matches!(
+            self,
+            Call::TakeJobs { .. } | Call::TakeResults { .. } | Call::ReadUpdates { .. }
+        )
+    }
+}
+
 /// An answer from the host.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum Reply {

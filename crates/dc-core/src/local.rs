@@ -140,6 +140,22 @@ impl LocalBroker {
         nodes
     }
 
+    /// Renew these leases now, those still current (as a heartbeat listing them would): for a
+    /// backend that knows a node cannot list a lease yet, while the job it leases is still on
+    /// its way to the node.
+    pub fn renew(&self, leases: &[Lease]) {
+        let now = Instant::now();
+        let mut st = self.lock();
+        for lease in leases {
+            if let Some(s) = st.sessions.get_mut(&lease.session)
+                && let Some(entry) = s.current(lease)
+                && let JobState::Leased { renewed, .. } = &mut entry.state
+            {
+                *renewed = now;
+            }
+        }
+    }
+
     /// A node's process is gone (its connections closed before its leases ran out): each of
     /// its leases ends as [`AttemptEnd::NodeGone`] (a failed attempt: the job is queued again
     /// or fails for good). Returns how many leases it held.
