@@ -316,7 +316,7 @@ async fn amqp_600_mib_each_way() -> TestResult {
     let pool = pool(&url, "big", Duration::from_secs(5)).await?;
     check!(wait_workers(&pool, 1).await, "no worker came");
     let n = 600 << 20;
-    let data: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+    let data: Vec<u8> = (0..n).map(|i: usize| (i % 251).to_le_bytes()[0]).collect();
     let started = Instant::now();
     let file = runs_file("big");
     let outs = match pool
@@ -341,7 +341,7 @@ async fn amqp_600_mib_each_way() -> TestResult {
             .iter()
             .rev()
             .enumerate()
-            .all(|(i, b)| *b == (i % 251) as u8),
+            .all(|(i, b)| *b == (i % 251).to_le_bytes()[0]),
         "the bytes came back damaged"
     );
     eprintln!("600 MiB each way in {took:?}");

@@ -53,7 +53,7 @@ pub(crate) struct Host {
     stop: Notify,
     /// The last take of each worker: a request sent again after a lost answer gets the same
     /// jobs instead of leasing more.
-    takes: std::sync::Mutex<HashMap<WorkerId, (u64, Arc<OnceCell<Answer>>)>>,
+    takes: std::sync::Mutex<HashMap<WorkerId, LastTake>>,
 }
 
 impl Host {
@@ -473,6 +473,9 @@ impl Host {
         encode(&reply).map(Answer::plain)
     }
 }
+
+/// A worker's last take: its call id and its answer, once made.
+type LastTake = (u64, Arc<OnceCell<Answer>>);
 
 /// An encoded answer, and the leases it hands out (renewed while it is on its way).
 #[derive(Debug, Clone)]

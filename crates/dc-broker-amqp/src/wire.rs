@@ -509,7 +509,7 @@ mod tests {
             PART_BYTES - HEAD + 1,
             3 * PART_BYTES,
         ] {
-            let body: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let body: Vec<u8> = (0..len).map(|i| (i % 251).to_le_bytes()[0]).collect();
             let mut asm = Assembler::new(max_message(len));
             let mut out = None;
             let all: Vec<Vec<u8>> = parts(&body).collect();

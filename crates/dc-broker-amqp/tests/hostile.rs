@@ -67,13 +67,13 @@ async fn garbage_requests_neither_stop_the_host_nor_lose_a_job() {
         .await
         .expect("open")
         .expect("a session");
-    let n = 50u64;
+    let n = 50usize;
     pool.submit(
         &s.id,
         (0..n)
             .map(|i| NewJob {
-                id: JobId(i),
-                payload: Bytes::from(i.to_le_bytes().to_vec()),
+                id: JobId(i as u64),
+                payload: Bytes::from((i as u64).to_le_bytes().to_vec()),
                 update_seq: 0,
             })
             .collect(),
@@ -248,10 +248,10 @@ async fn garbage_requests_neither_stop_the_host_nor_lose_a_job() {
             assert_eq!(done, Completion::Accepted, "{}", j.lease.job);
         }
     }
-    assert_eq!(taken.len() as u64, n, "jobs taken after the garbage");
-    let results = all_results(&pool, &s.id, n as usize).await;
+    assert_eq!(taken.len(), n, "jobs taken after the garbage");
+    let results = all_results(&pool, &s.id, n).await;
     let ids: HashSet<JobId> = results.iter().map(|r| r.job).collect();
-    assert_eq!((results.len(), ids.len()), (n as usize, n as usize));
+    assert_eq!((results.len(), ids.len()), (n, n));
     for r in &results {
         assert_eq!(
             r.outcome,
