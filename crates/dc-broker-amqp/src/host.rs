@@ -243,6 +243,7 @@ impl Host {
                 () = self.stop.notified() => break,
             }
             let _ = self.local.reap_expired().await;
+            lock(&self.takes).retain(|_, (_, _, at)| at.elapsed() < KEEP_TAKE);
             if !matches!(self.local.active_session(Duration::ZERO).await, Ok(Some(s)) if s.id == self.info.id)
             {
                 tracing::warn!(session = %self.info.id, "pool session ended (closed or not kept alive)");
@@ -322,7 +323,7 @@ impl Host {
         // is not kept past its sending (a retry then leases other jobs, and the leases of
         // the lost answer expire).
         if body.len() > crate::link::BULK {
-            lock(&self.takes).retain(|_, (last, _)| *last != id);
+            lock(&self.takes).retain(|_, (last, _, _)| *last != id);
         }
         // The node cannot list these leases in its heartbeats before it has the jobs: while
         // they are on their way (hundreds of MiB take seconds), the host renews them itself.
@@ -354,10 +355,13 @@ impl Host {
                 let cell = {
                     let mut takes = lock(&self.takes);
                     match takes.get(&worker) {
-                        Some((last, cell)) if *last == id => cell.clone(),
+                        Some((last, cell, _)) if *last == id => cell.clone(),
                         _ => {
                             let cell = Arc::new(OnceCell::new());
-                            takes.insert(worker.clone(), (id, cell.clone()));
+                            takes.insert(
+                                worker.clone(),
+                                (id, cell.clone(), tokio::time::Instant::now()),
+                            );
                             cell
                         }
                     }
@@ -474,8 +478,10 @@ impl Host {
     }
 }
 
-/// A worker's last take: its call id and its answer, once made.
-type LastTake = (u64, Arc<OnceCell<Answer>>);
+/// A worker's last take: its call id, its answer once made, and when it was asked.
+type LastTake = (u64, Arc<OnceCell<Answer>>, tokio::time::Instant);
+/// How long a take's answer is kept for a retry of the same request.
+const KEEP_TAKE: Duration = Duration::from_secs(60);
 
 /// An encoded answer, and the leases it hands out (renewed while it is on its way).
 #[derive(Debug, Clone)]

@@ -7,7 +7,7 @@
 //!
 //! - `<ns>.session`: the hosting pool's request queue, declared *exclusive*: only one
 //!   connection can hold it, so it is the one-session-at-a-time lock, and it frees itself when
-//!   that pool's connection closes;
+//!   that pool's connection closes; `<ns>.session.bulk` beside it takes requests over 1 MiB;
 //! - `<ns>.node.<node>`: a node's presence queue (exclusive, holds nothing): it disappears when
 //!   the node's connection closes, which tells the pool at once that the node's process is
 //!   gone, before any lease runs out;
@@ -15,7 +15,8 @@
 //! - `<ns>.nodes`: a stream of node heartbeats, so `status` lists nodes with no pool open.
 //!
 //! Every request and answer is CBOR, cut into messages of at most 4 MiB (RabbitMQ 4 refuses
-//! messages over 16 MiB by default). Nothing is ever held unacknowledged while a job runs, so
+//! messages over 16 MiB by default); big ones travel on a second connection, so heartbeats never
+//! wait behind them. Nothing is ever held unacknowledged while a job runs, so
 //! RabbitMQ's `consumer_timeout` never ends a long job. `docs/amqp-protocol.md` describes the
 //! protocol in full.
 //!

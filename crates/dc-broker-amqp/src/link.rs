@@ -29,6 +29,10 @@ use crate::wire::{Assembler, parts};
 const REACH_FOR: Duration = Duration::from_secs(10);
 /// Time an answer may take beyond the call's own wait: the round trip and a busy host.
 const ANSWER_SLACK: Duration = Duration::from_secs(5);
+/// How long after this process reconnected a missing session queue is asked again, and for
+/// how long at most.
+const RECONNECT_GRACE: Duration = Duration::from_secs(15);
+const ABSENT_GRACE: Duration = Duration::from_secs(5);
 /// Requests and answers larger than this travel on the bulk connection (and requests to the
 /// bulk request queue).
 pub(crate) const BULK: usize = 1 << 20;
@@ -79,6 +83,8 @@ pub(crate) struct Link {
     next_id: AtomicU64,
     /// Connections made so far.
     connections: AtomicU64,
+    /// When a lost connection was last made again (not the first connection).
+    reconnected: std::sync::Mutex<Option<tokio::time::Instant>>,
 }
 
 /// One connection and what lives on it.
@@ -215,6 +221,7 @@ impl Link {
             presence: std::sync::Mutex::new(BTreeSet::new()),
             next_id: AtomicU64::new(seed),
             connections: AtomicU64::new(0),
+            reconnected: std::sync::Mutex::new(None),
         }
     }
 
@@ -251,6 +258,8 @@ impl Link {
         {
             return Ok(c.clone());
         }
+        // This slot had a connection that dropped: the new one is a reconnection.
+        let again = current.is_some();
         if let Some(old) = current.take() {
             old.mark_dead();
             let _ = old.connection.close(200, "reconnecting".into()).await;
@@ -269,6 +278,9 @@ impl Link {
         *current = Some(conn.clone());
         if !bulk {
             self.connections.fetch_add(1, Ordering::AcqRel);
+        }
+        if again {
+            *lock(&self.reconnected) = Some(tokio::time::Instant::now());
         }
         Ok(conn)
     }
@@ -446,6 +458,7 @@ impl Link {
         let id = self.next_id();
         let reach_until = tokio::time::Instant::now() + REACH_FOR;
         let mut last_error: Option<BrokerError> = None;
+        let mut absent_since: Option<tokio::time::Instant> = None;
         loop {
             if tokio::time::Instant::now() >= reach_until {
                 return Err(last_error.unwrap_or_else(|| {
@@ -472,6 +485,17 @@ impl Link {
                 Ok(Routed::Yes) => {}
                 Ok(Routed::NoQueue) => {
                     conn.forget(id);
+                    // Just after RabbitMQ came back, the host may not have declared its
+                    // queues again yet: a session queue missing then is not yet a session
+                    // gone.
+                    let now = tokio::time::Instant::now();
+                    let since = *absent_since.get_or_insert(now);
+                    let recent = lock(&self.reconnected)
+                        .is_some_and(|at| now.duration_since(at) < RECONNECT_GRACE);
+                    if recent && now.duration_since(since) < ABSENT_GRACE {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
                     return Ok(None);
                 }
                 Err(e) => {

@@ -29,8 +29,9 @@ const HEAD: usize = 12;
 const ENVELOPE: usize = 1 << 20;
 /// Most requests or answers being put together at once from one queue.
 const MAX_ASSEMBLIES: usize = 4096;
-/// A request or answer whose next part has not come in this long is dropped.
-const ASSEMBLY_TTL: Duration = Duration::from_secs(120);
+/// A request or answer whose next part has not come in this long is dropped (its sender
+/// died or gave up in the middle).
+const ASSEMBLY_TTL: Duration = Duration::from_secs(60);
 
 /// A request to the pool that hosts the session.
 #[derive(Debug, Serialize, Deserialize)]
@@ -420,6 +421,8 @@ pub(crate) fn parts(body: &[u8]) -> impl Iterator<Item = Vec<u8>> + '_ {
 pub(crate) struct Assembler<K> {
     limit: usize,
     open: HashMap<K, Assembly>,
+    /// When abandoned assemblies were last dropped.
+    pruned: Instant,
 }
 
 #[derive(Debug)]
@@ -435,6 +438,7 @@ impl<K: std::hash::Hash + Eq + Clone + std::fmt::Debug> Assembler<K> {
         Assembler {
             limit,
             open: HashMap::new(),
+            pruned: Instant::now(),
         }
     }
 
@@ -457,6 +461,12 @@ impl<K: std::hash::Hash + Eq + Clone + std::fmt::Debug> Assembler<K> {
             return Ok(Some(chunk.to_vec()));
         }
         let now = Instant::now();
+        if now.duration_since(self.pruned) > ASSEMBLY_TTL / 4 {
+            // What a sender that died mid-message left must not stay in memory.
+            self.open
+                .retain(|_, a| now.duration_since(a.touched) < ASSEMBLY_TTL);
+            self.pruned = now;
+        }
         if index == 0 {
             if self.open.len() >= MAX_ASSEMBLIES {
                 self.open
