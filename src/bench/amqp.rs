@@ -70,6 +70,21 @@ async fn channel(conn: &Connection, queue: &str) -> Result<Channel, BoxError> {
     Ok(ch)
 }
 
+/// Consume `queue`, each message acknowledged on delivery.
+async fn consume_no_ack(ch: &Channel, queue: &str) -> Result<lapin::Consumer, BoxError> {
+    Ok(ch
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?)
+}
+
 async fn publish(ch: &Channel, queue: &str, body: &[u8]) -> Result<(), BoxError> {
     ch.basic_publish(
         "".into(),
@@ -94,17 +109,7 @@ pub(super) async fn measure_amqp_baselines(url: &str, sizes: Sizes) -> Result<Ba
     // Round trip.
     let q = format!("{tag}.rtt");
     let ch = channel(&conn, &q).await?;
-    let mut consumer = ch
-        .basic_consume(
-            q.as_str().into(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
+    let mut consumer = consume_no_ack(&ch, &q).await?;
     let mut rtts = Vec::with_capacity(1000);
     for _ in 0..1000 {
         let t = Instant::now();
@@ -160,17 +165,7 @@ pub(super) async fn measure_amqp_baselines(url: &str, sizes: Sizes) -> Result<Ba
         for _ in 0..MIB64 / part.len() {
             publish(&ch, &q, &part).await?;
         }
-        let mut consumer = ch
-            .basic_consume(
-                q.as_str().into(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
+        let mut consumer = consume_no_ack(&ch, &q).await?;
         let mut got = 0;
         while got < MIB64 {
             got += consumer
@@ -236,17 +231,7 @@ async fn job_cycle(conn: &Connection, tag: &str, n: usize) -> Result<f64, BoxErr
             }
         }));
     }
-    let mut consumer = owner
-        .basic_consume(
-            results.as_str().into(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
+    let mut consumer = consume_no_ack(&owner, &results).await?;
     let t = Instant::now();
     let mut confirms = Vec::with_capacity(n);
     for i in 0..n {

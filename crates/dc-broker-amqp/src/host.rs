@@ -20,11 +20,11 @@ use dc_core::broker::{
 use dc_core::util::lock;
 use dc_core::{Broker, BrokerError, LocalBroker};
 use futures::StreamExt;
-use lapin::options::{BasicConsumeOptions, QueueDeleteOptions};
-use lapin::types::{FieldTable, ShortString};
+use lapin::options::QueueDeleteOptions;
+use lapin::types::FieldTable;
 use tokio::sync::{Notify, OnceCell};
 
-use crate::link::{Conn, Link, RESOURCE_LOCKED, Routed, amqp_code, broken, exclusive};
+use crate::link::{Conn, Link, RESOURCE_LOCKED, Routed, amqp_code, broken, exclusive, take_all};
 use crate::names::Names;
 use crate::wire::{Assembler, Call, Reply, WireAbandoned, decode, encode, max_message};
 
@@ -146,18 +146,7 @@ impl Host {
                     None => break,
                 },
             };
-            let consumer = ch
-                .basic_consume(
-                    queue.clone().into(),
-                    ShortString::from(""),
-                    BasicConsumeOptions {
-                        no_ack: true,
-                        exclusive: true,
-                        ..BasicConsumeOptions::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await;
+            let consumer = take_all(&ch, &queue).await;
             let Ok(mut consumer) = consumer else {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;

@@ -196,6 +196,22 @@ fn presence_args() -> FieldTable {
     args
 }
 
+/// Consume `queue` alone, every message acknowledged on delivery (requests and answers are
+/// acted on at once; nothing is held while a job runs).
+pub(crate) async fn take_all(ch: &Channel, queue: &str) -> lapin::Result<lapin::Consumer> {
+    ch.basic_consume(
+        queue.to_string().into(),
+        ShortString::from(""),
+        BasicConsumeOptions {
+            no_ack: true,
+            exclusive: true,
+            ..BasicConsumeOptions::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+}
+
 pub(crate) fn exclusive() -> QueueDeclareOptions {
     QueueDeclareOptions {
         exclusive: true,
@@ -335,17 +351,7 @@ impl Link {
             .map_err(|e| broken("declare the answer queue", e))?
             .name()
             .to_string();
-        let consumer = replies
-            .basic_consume(
-                reply_queue.clone().into(),
-                ShortString::from(""),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    exclusive: true,
-                    ..BasicConsumeOptions::default()
-                },
-                FieldTable::default(),
-            )
+        let consumer = take_all(&replies, &reply_queue)
             .await
             .map_err(|e| broken("consume answers", e))?;
         let names: Vec<String> = if control {
