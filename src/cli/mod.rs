@@ -72,7 +72,8 @@ struct TokenShow {
 #[derive(Debug, Args)]
 struct Bench {
     /// Where to run: local (no server), redis (a dedicated redis-server started for the run),
-    /// or a redis:// URL of an existing Redis (keys under a unique prefix, removed after).
+    /// a redis:// URL of an existing Redis (keys under a unique prefix, removed after), or an
+    /// amqp:// URL of a RabbitMQ (queues under a unique namespace, removed after).
     #[arg(long, default_value = "redis")]
     broker: String,
     /// Smaller workloads (under a minute on a 2-core machine).

@@ -104,8 +104,8 @@ impl Host {
 
     /// End the session: drop its state and free the lock.
     pub(crate) async fn close(&self) {
-        let _ = self.local.close_session(&self.info.id).await;
         self.halt().await;
+        let _ = self.local.close_session(&self.info.id).await;
     }
 
     async fn halt(&self) {
@@ -114,7 +114,7 @@ impl Host {
         }
         self.stop.notify_waiters();
         for (conn, queue) in [
-            (self.link.bulk().await.ok(), self.names.session_bulk()),
+            (self.link.current_bulk().await, self.names.session_bulk()),
             (self.link.current().await, self.names.session()),
         ] {
             if let Some(conn) = conn
@@ -235,7 +235,9 @@ impl Host {
             lock(&self.takes).retain(|_, (_, _, at)| at.elapsed() < KEEP_TAKE);
             if !matches!(self.local.active_session(Duration::ZERO).await, Ok(Some(s)) if s.id == self.info.id)
             {
-                tracing::warn!(session = %self.info.id, "pool session ended (closed or not kept alive)");
+                if self.is_active() {
+                    tracing::warn!(session = %self.info.id, "pool session expired: its pool stopped keeping it alive");
+                }
                 self.halt().await;
                 break;
             }

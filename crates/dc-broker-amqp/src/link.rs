@@ -303,12 +303,16 @@ impl Link {
 
     /// The live control connection if there is one, without connecting.
     pub(crate) async fn current(&self) -> Option<Arc<Conn>> {
-        self.control
-            .lock()
-            .await
-            .as_ref()
-            .filter(|c| !c.is_dead())
-            .cloned()
+        Self::live(&self.control).await
+    }
+
+    /// The live bulk connection if there is one, without connecting.
+    pub(crate) async fn current_bulk(&self) -> Option<Arc<Conn>> {
+        Self::live(&self.bulk).await
+    }
+
+    async fn live(slot: &tokio::sync::Mutex<Option<Arc<Conn>>>) -> Option<Arc<Conn>> {
+        slot.lock().await.as_ref().filter(|c| !c.is_dead()).cloned()
     }
 
     /// A new connection; `control`: also declare the presence queues this process keeps.
