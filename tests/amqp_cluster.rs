@@ -190,7 +190,7 @@ async fn amqp_nodes_serve_map_and_stream_and_replay_updates_to_a_late_joiner() -
     let outs = pool.map(jobs).await?;
     let late_outs: Vec<&ProbeOut> = outs
         .iter()
-        .filter(|o| o.worker_id.starts_with(&late.node_id().unwrap_or_default()))
+        .filter(|o| Some(node_of(&o.worker_id).to_string()) == late.node_id())
         .collect();
     check!(!late_outs.is_empty(), "the late node ran none of 60 jobs");
     for out in late_outs {
@@ -241,7 +241,7 @@ async fn amqp_killed_node_job_runs_elsewhere_once() -> TestResult {
     );
     let victim = if a
         .node_id()
-        .is_some_and(|id| runs(&file)[&1][0].starts_with(&id))
+        .is_some_and(|id| node_of(&runs(&file)[&1][0]) == id)
     {
         &mut a
     } else {
@@ -260,7 +260,7 @@ async fn amqp_killed_node_job_runs_elsewhere_once() -> TestResult {
     );
     for (i, worker) in &got {
         check!(
-            !worker.starts_with(&victim_id),
+            node_of(worker) != victim_id,
             "job {i}'s result came from the killed node"
         );
     }

@@ -21,7 +21,7 @@ use crate::host::Host;
 use crate::link::{Link, Target};
 use crate::names::{Names, valid_namespace};
 use crate::registry::Registry;
-use crate::wire::{Call, Reply, WireAbandoned, decode, encode, max_message, unexpected};
+use crate::wire::{Call, Reply, WireAbandoned, decode_off, encode_off, max_message, unexpected};
 
 /// How often a node looks for a session to open while it waits for one.
 const LOOK_EVERY: Duration = Duration::from_millis(250);
@@ -128,8 +128,8 @@ impl AmqpBroker {
     async fn call(&self, call: Call) -> Result<Option<Reply>, BrokerError> {
         let wait = call.wait();
         let big_answer = call.big_answer();
-        let body = encode(&call)?;
-        drop(call);
+        let big = call.payload_bytes() > crate::link::BULK;
+        let body = encode_off(call, big).await?;
         let names = &self.inner.names;
         let Some(bytes) = self
             .inner
@@ -145,7 +145,7 @@ impl AmqpBroker {
         else {
             return Ok(None);
         };
-        match decode::<Reply>("an answer from the pool", &bytes)? {
+        match decode_off::<Reply>("an answer from the pool", bytes).await? {
             Reply::Error(e) => Err(e.into()),
             reply => Ok(Some(reply)),
         }
@@ -196,11 +196,13 @@ impl SessionControl for AmqpBroker {
         spec: &SessionSpec,
     ) -> Result<Option<SessionInfo>, BrokerError> {
         self.check_size(spec.init.len())?;
-        if lock(&self.inner.host)
-            .as_ref()
-            .is_some_and(|h| h.is_active())
-        {
-            return Ok(None);
+        let previous = lock(&self.inner.host).clone();
+        if let Some(previous) = previous {
+            if previous.is_active() {
+                return Ok(None);
+            }
+            // This process's last session ended: its queues go before new ones are claimed.
+            previous.halt().await;
         }
         let Some(host) =
             Host::open(self.inner.link.clone(), self.inner.names.clone(), spec).await?

@@ -26,7 +26,10 @@ use tokio::sync::{Notify, OnceCell};
 
 use crate::link::{Conn, Link, RESOURCE_LOCKED, Routed, amqp_code, broken, exclusive, take_all};
 use crate::names::Names;
-use crate::wire::{Assembler, Call, Reply, WireAbandoned, decode, encode, max_message};
+use crate::wire::{
+    Assembler, Call, Reply, WireAbandoned, decode_off, encode, encode_off, leased_bytes,
+    max_message, result_bytes,
+};
 
 /// How often the host expires leases and checks its session's own keep-alive.
 const TICK: Duration = Duration::from_millis(200);
@@ -51,9 +54,13 @@ pub(crate) struct Host {
     names: Names,
     stopped: AtomicBool,
     stop: Notify,
+    /// Whether the session's queues were deleted (the lock freed).
+    released: tokio::sync::Mutex<bool>,
     /// The last take of each worker: a request sent again after a lost answer gets the same
     /// jobs instead of leasing more.
     takes: std::sync::Mutex<HashMap<WorkerId, LastTake>>,
+    /// Leases whose jobs went out in a big answer and that no heartbeat has listed yet.
+    in_transit: std::sync::Mutex<std::collections::HashSet<dc_core::broker::Lease>>,
 }
 
 impl Host {
@@ -89,7 +96,9 @@ impl Host {
             names,
             stopped: AtomicBool::new(false),
             stop: Notify::new(),
+            released: tokio::sync::Mutex::new(false),
             takes: std::sync::Mutex::new(HashMap::new()),
+            in_transit: std::sync::Mutex::new(std::collections::HashSet::new()),
         });
         tokio::spawn(host.clone().serve(Lane::Control, channel));
         tokio::spawn(host.clone().serve(Lane::Bulk, bulk_channel));
@@ -108,11 +117,16 @@ impl Host {
         let _ = self.local.close_session(&self.info.id).await;
     }
 
-    async fn halt(&self) {
-        if self.stopped.swap(true, Ordering::AcqRel) {
+    /// Stop serving and free the lock (delete the session's queues). A second caller waits
+    /// until the first has freed it, so a new session of this process never claims queues
+    /// that are about to be deleted.
+    pub(crate) async fn halt(&self) {
+        self.stopped.store(true, Ordering::Release);
+        self.stop.notify_waiters();
+        let mut released = self.released.lock().await;
+        if *released {
             return;
         }
-        self.stop.notify_waiters();
         for (conn, queue) in [
             (self.link.current_bulk().await, self.names.session_bulk()),
             (self.link.current().await, self.names.session()),
@@ -126,6 +140,7 @@ impl Host {
                 let _ = ch.close(200, "session closed".into()).await;
             }
         }
+        *released = true;
     }
 
     /// Take requests from one of the session's queues until the session ends, taking the
@@ -206,6 +221,8 @@ impl Host {
                 Ok(None) => {
                     tracing::warn!(session = %self.info.id, "another pool took the session lock while RabbitMQ was out of reach: this session is over");
                     let _ = self.local.close_session(&self.info.id).await;
+                    // The queues are the other pool's now: nothing of ours to delete.
+                    *self.released.lock().await = true;
                     self.stopped.store(true, Ordering::Release);
                     self.stop.notify_waiters();
                     return None;
@@ -284,11 +301,8 @@ impl Host {
 
     /// Run one request and send its answer.
     async fn answer(self: Arc<Self>, bytes: Vec<u8>, reply_to: String, id: u64) {
-        let reply = match decode::<Call>("a request", &bytes) {
-            Ok(call) => {
-                drop(bytes);
-                self.run(call, id).await
-            }
+        let reply = match decode_off::<Call>("a request", bytes).await {
+            Ok(call) => self.run(call, id).await,
             Err(e) => {
                 tracing::warn!(from = %reply_to, "an undecodable request: {e}");
                 Err(e)
@@ -329,6 +343,37 @@ impl Host {
             () = renew => {}
         }
         self.local.renew(&answer.leases);
+        if body.len() <= crate::link::BULK {
+            return;
+        }
+        // A big answer is still being read and decoded by the node after RabbitMQ took it
+        // (seconds on a busy machine): go on renewing until a heartbeat of the node lists the
+        // leases, for at most a second per 10 MiB. A node that dies meanwhile is found by its
+        // presence queue, which ends its leases (renewing then changes nothing).
+        let mib = u32::try_from(body.len() >> 20).unwrap_or(u32::MAX);
+        let until =
+            tokio::time::Instant::now() + Duration::from_secs(5) + Duration::from_millis(100) * mib;
+        lock(&self.in_transit).extend(answer.leases.iter().cloned());
+        while tokio::time::Instant::now() < until && self.is_active() {
+            let waiting: Vec<dc_core::broker::Lease> = {
+                let in_transit = lock(&self.in_transit);
+                answer
+                    .leases
+                    .iter()
+                    .filter(|l| in_transit.contains(*l))
+                    .cloned()
+                    .collect()
+            };
+            if waiting.is_empty() {
+                break;
+            }
+            self.local.renew(&waiting);
+            tokio::time::sleep(TICK).await;
+        }
+        let mut in_transit = lock(&self.in_transit);
+        for lease in &answer.leases {
+            in_transit.remove(lease);
+        }
     }
 
     /// The encoded answer to one call.
@@ -363,8 +408,9 @@ impl Host {
                             .take_jobs(&session, &node, &worker, max.min(MAX_ITEMS) as usize, wait)
                             .await?;
                         let leases = jobs.iter().map(|j| j.lease.clone()).collect();
-                        let bytes =
-                            encode(&Reply::Leased(jobs.into_iter().map(Into::into).collect()))?;
+                        let big = leased_bytes(&jobs) > crate::link::BULK;
+                        let reply = Reply::Leased(jobs.into_iter().map(Into::into).collect());
+                        let bytes = encode_off(reply, big).await?;
                         Ok::<_, BrokerError>(Answer {
                             bytes: bytes.into(),
                             leases,
@@ -417,14 +463,14 @@ impl Host {
                     Abandoned::Stale => WireAbandoned::Stale,
                 })
             }
-            Call::TakeResults { session, max, .. } => Reply::Results(
-                local
+            Call::TakeResults { session, max, .. } => {
+                let results = local
                     .take_results(&session, max.min(MAX_ITEMS) as usize, wait)
-                    .await?
-                    .into_iter()
-                    .map(Into::into)
-                    .collect(),
-            ),
+                    .await?;
+                let big = result_bytes(&results) > crate::link::BULK;
+                let reply = Reply::Results(results.into_iter().map(Into::into).collect());
+                return encode_off(reply, big).await.map(Answer::plain);
+            }
             Call::LostJobs { session, jobs } => {
                 Reply::Jobs(local.lost_jobs(&session, &jobs).await?)
             }
@@ -453,6 +499,12 @@ impl Host {
             ),
             Call::Heartbeat { status } => {
                 local.heartbeat(&status).await?;
+                let mut in_transit = lock(&self.in_transit);
+                if !in_transit.is_empty() {
+                    for lease in &status.leases {
+                        in_transit.remove(lease);
+                    }
+                }
                 Reply::Done
             }
             Call::Leave { node } => {

@@ -393,6 +393,66 @@ pub(crate) fn decode<T: serde::de::DeserializeOwned>(
         .map_err(|e| BrokerError::Protocol(format!("{what} is not valid: {e}").into()))
 }
 
+/// [`encode`], on a blocking thread when `big` (hundreds of MiB take seconds to copy: the
+/// runtime's threads keep serving heartbeats meanwhile).
+pub(crate) async fn encode_off<T: Serialize + Send + 'static>(
+    value: T,
+    big: bool,
+) -> Result<Vec<u8>, BrokerError> {
+    if !big {
+        return encode(&value);
+    }
+    tokio::task::spawn_blocking(move || encode(&value))
+        .await
+        .map_err(|e| BrokerError::Protocol(format!("encoding a message: {e}").into()))?
+}
+
+/// [`decode`], on a blocking thread when the bytes are many.
+pub(crate) async fn decode_off<T: serde::de::DeserializeOwned + Send + 'static>(
+    what: &'static str,
+    bytes: Vec<u8>,
+) -> Result<T, BrokerError> {
+    if bytes.len() <= crate::link::BULK {
+        return decode(what, &bytes);
+    }
+    tokio::task::spawn_blocking(move || decode(what, &bytes))
+        .await
+        .map_err(|e| BrokerError::Protocol(format!("decoding {what}: {e}").into()))?
+}
+
+/// Payload bytes in a call (jobs, outputs, an update).
+impl Call {
+    pub(crate) fn payload_bytes(&self) -> usize {
+        match self {
+            Call::Submit { jobs, .. } => jobs.iter().map(|j| j.payload.len()).sum(),
+            Call::Complete { outcomes } => outcomes
+                .iter()
+                .map(|(_, o)| match o {
+                    WireOutcome::Output(b) => b.len(),
+                    WireOutcome::Failed(..) => 0,
+                })
+                .sum(),
+            Call::PublishUpdate { payload, .. } => payload.len(),
+            _ => 0,
+        }
+    }
+}
+
+/// Payload bytes in leased jobs, results or updates (what makes an answer big).
+pub(crate) fn leased_bytes(jobs: &[LeasedJob]) -> usize {
+    jobs.iter().map(|j| j.payload.len()).sum()
+}
+
+pub(crate) fn result_bytes(results: &[JobResult]) -> usize {
+    results
+        .iter()
+        .map(|r| match &r.outcome {
+            JobOutcome::Done(b) => b.len(),
+            JobOutcome::Failed { .. } => 0,
+        })
+        .sum()
+}
+
 /// Largest encoded request or answer for payloads of up to `max_payload` bytes.
 pub(crate) fn max_message(max_payload: usize) -> usize {
     max_payload.saturating_add(ENVELOPE)
