@@ -334,13 +334,27 @@ mod tests {
 
     #[tokio::test]
     async fn a_facade_pool_reaches_urls_without_naming_a_connector() {
+        // Nothing listens on port 9: the RabbitMQ backend itself says so (a pool without the
+        // facade's connector refuses every URL instead).
         let refused = Pool::<Echo>::builder(())
-            .broker("amqp://head:5672")
+            .broker("amqp://guest:guest@127.0.0.1:9/%2f")
+            .connect_timeout(Duration::from_millis(500))
             .connect()
             .await;
-        let Err(PoolError::Config(message)) = refused else {
-            panic!("amqp:// is refused by Backends, not LocalOnly: {refused:?}")
+        let Err(PoolError::Unreachable(message)) = refused else {
+            panic!("amqp:// is reached through Backends, not LocalOnly: {refused:?}")
         };
         assert!(message.contains("RabbitMQ"), "{message}");
+        // An amqps:// URL takes the CA file as rediss:// does.
+        let refused = Pool::<Echo>::builder(())
+            .broker("amqps://127.0.0.1:9/%2f")
+            .connect_timeout(Duration::from_millis(500))
+            .backends(Backends::new().tls_ca("/nonexistent/amqp-ca.pem"))
+            .connect()
+            .await;
+        let Err(error) = refused else {
+            panic!("nothing serves amqps:// on port 9")
+        };
+        assert!(error.to_string().contains("amqp-ca.pem"), "{error}");
     }
 }

@@ -23,6 +23,8 @@ use crate::names::{Names, valid_namespace};
 use crate::registry::Registry;
 use crate::wire::{Call, Reply, WireAbandoned, decode_off, encode_off, max_message, unexpected};
 
+/// Most outcomes reported in one request (their leases must fit beside the payloads).
+const COMPLETIONS_PER_CALL: usize = 1000;
 /// How often a node looks for a session to open while it waits for one.
 const LOOK_EVERY: Duration = Duration::from_millis(250);
 
@@ -344,26 +346,28 @@ impl JobQueue for AmqpBroker {
         if let Some(host) = self.hosted(&session) {
             return host.local.complete_many(outcomes).await;
         }
-        let n = outcomes.len();
-        let call = Call::Complete {
-            outcomes: outcomes
-                .into_iter()
-                .map(|(lease, o)| (lease, o.into()))
-                .collect(),
-        };
-        match self.call_for(&session, call).await? {
-            Reply::Completions(answers) if answers.len() == n => Ok(answers
-                .into_iter()
-                .map(|accepted| {
-                    if accepted {
-                        Completion::Accepted
-                    } else {
-                        Completion::Discarded
-                    }
-                })
-                .collect()),
-            other => Err(unexpected(&other)),
+        // In calls of bounded size: a request must stay under what the host takes in.
+        let mut answers = Vec::with_capacity(outcomes.len());
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        for (lease, outcome) in outcomes {
+            let len = outcome.as_ref().map_or(0, Bytes::len);
+            if !batch.is_empty()
+                && (bytes + len > self.inner.max_payload / 2 || batch.len() >= COMPLETIONS_PER_CALL)
+            {
+                answers.extend(
+                    self.send_completions(&session, std::mem::take(&mut batch))
+                        .await?,
+                );
+                bytes = 0;
+            }
+            bytes += len;
+            batch.push((lease, outcome));
         }
+        if !batch.is_empty() {
+            answers.extend(self.send_completions(&session, batch).await?);
+        }
+        Ok(answers)
     }
     async fn abandon(
         &self,
@@ -464,6 +468,34 @@ impl UpdateLog for AmqpBroker {
 }
 
 impl AmqpBroker {
+    /// One `Complete` request to the host; the answers in the same order.
+    async fn send_completions(
+        &self,
+        session: &SessionId,
+        outcomes: Vec<(Lease, Outcome)>,
+    ) -> Result<Vec<Completion>, BrokerError> {
+        let n = outcomes.len();
+        let call = Call::Complete {
+            outcomes: outcomes
+                .into_iter()
+                .map(|(lease, o)| (lease, o.into()))
+                .collect(),
+        };
+        match self.call_for(session, call).await? {
+            Reply::Completions(answers) if answers.len() == n => Ok(answers
+                .into_iter()
+                .map(|accepted| {
+                    if accepted {
+                        Completion::Accepted
+                    } else {
+                        Completion::Discarded
+                    }
+                })
+                .collect()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     async fn publish(
         &self,
         session: &SessionId,
