@@ -114,6 +114,13 @@ async fn wait_workers(pool: &Pool<Probe>, workers: usize) -> bool {
     .await
 }
 
+/// Stop a node with SIGTERM; if it does not stop in time, the error shows what it printed.
+async fn stop(node: &mut NodeProc) -> TestResult {
+    node.stop()
+        .await
+        .map_err(|e| format!("{e}; the node's output:\n{}", node.output()).into())
+}
+
 /// Runs recorded by `CountRuns` jobs: value → workers it ran on.
 fn runs(path: &Path) -> BTreeMap<i64, Vec<String>> {
     let mut out: BTreeMap<i64, Vec<String>> = BTreeMap::new();
@@ -202,7 +209,7 @@ async fn amqp_nodes_serve_map_and_stream_and_replay_updates_to_a_late_joiner() -
     }
     pool.close().await?;
     for n in [&mut a, &mut b, &mut late] {
-        n.stop().await?;
+        stop(n).await?;
     }
     Ok(())
 }
@@ -302,7 +309,7 @@ async fn amqp_poison_job_fails_alone_and_long_job_on_a_live_node_is_kept() -> Te
     );
     let _ = std::fs::remove_file(&file);
     pool.close().await?;
-    node.stop().await?;
+    stop(&mut node).await?;
     Ok(())
 }
 
@@ -346,7 +353,7 @@ async fn amqp_600_mib_each_way() -> TestResult {
     );
     eprintln!("600 MiB each way in {took:?}");
     pool.close().await?;
-    node.stop().await?;
+    stop(&mut node).await?;
     Ok(())
 }
 

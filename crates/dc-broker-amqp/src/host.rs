@@ -122,25 +122,28 @@ impl Host {
     /// that are about to be deleted.
     pub(crate) async fn halt(&self) {
         self.stopped.store(true, Ordering::Release);
-        self.stop.notify_waiters();
         let mut released = self.released.lock().await;
-        if *released {
-            return;
-        }
-        for (conn, queue) in [
-            (self.link.current_bulk().await, self.names.session_bulk()),
-            (self.link.current().await, self.names.session()),
-        ] {
-            if let Some(conn) = conn
-                && let Ok(ch) = conn.channel().await
-            {
-                let _ = ch
-                    .queue_delete(queue.into(), QueueDeleteOptions::default())
-                    .await;
-                let _ = ch.close(200, "session closed".into()).await;
+        if !*released {
+            // The queues go first: their consumers are cancelled after what was delivered
+            // (each request already taken is answered), and a request sent from now on comes
+            // back unroutable at once instead of waiting in a queue nobody reads.
+            for (conn, queue) in [
+                (self.link.current_bulk().await, self.names.session_bulk()),
+                (self.link.current().await, self.names.session()),
+            ] {
+                if let Some(conn) = conn
+                    && let Ok(ch) = conn.channel().await
+                {
+                    let _ = ch
+                        .queue_delete(queue.into(), QueueDeleteOptions::default())
+                        .await;
+                    let _ = ch.close(200, "session closed".into()).await;
+                }
             }
+            *released = true;
         }
-        *released = true;
+        drop(released);
+        self.stop.notify_waiters();
     }
 
     /// Take requests from one of the session's queues until the session ends, taking the

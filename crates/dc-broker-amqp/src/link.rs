@@ -96,6 +96,8 @@ pub(crate) struct Conn {
     /// The server-named queue answers come to.
     pub(crate) reply_queue: String,
     pending: Arc<std::sync::Mutex<HashMap<u64, oneshot::Sender<Vec<u8>>>>>,
+    /// Calls whose answer has begun to arrive (a first part of several).
+    begun: Arc<std::sync::Mutex<std::collections::HashSet<u64>>>,
     dead: Arc<AtomicBool>,
 }
 
@@ -185,6 +187,7 @@ impl Conn {
 
     fn forget(&self, id: u64) {
         lock(&self.pending).remove(&id);
+        lock(&self.begun).remove(&id);
     }
 }
 
@@ -374,9 +377,11 @@ impl Link {
             publish,
             reply_queue,
             pending: Arc::default(),
+            begun: Arc::default(),
             dead: Arc::default(),
         });
         let pending = conn.pending.clone();
+        let begun = conn.begun.clone();
         let dead = conn.dead.clone();
         let limit = self.max_message;
         tokio::spawn(async move {
@@ -394,11 +399,14 @@ impl Link {
                 };
                 match assembler.add(id, &delivery.data) {
                     Ok(Some(bytes)) => {
+                        lock(&begun).remove(&id);
                         if let Some(tx) = lock(&pending).remove(&id) {
                             let _ = tx.send(bytes);
                         }
                     }
-                    Ok(None) => {}
+                    Ok(None) => {
+                        lock(&begun).insert(id);
+                    }
                     Err(why) => {
                         tracing::warn!(call = id, "a malformed answer, dropped: {why}");
                     }
@@ -458,13 +466,11 @@ impl Link {
     ) -> Result<Option<Vec<u8>>, BrokerError> {
         let bulk = body.len() > BULK;
         let to = if bulk { bulk_to } else { to };
-        // A big request, or one whose answer may be big, waits longer for it.
-        let wait = if bulk || big_answer {
-            let mib = u32::try_from(body.len() >> 20).unwrap_or(u32::MAX);
-            wait + PER_MIB * mib.max(if big_answer { 1024 } else { 0 })
-        } else {
-            wait
-        };
+        // A big request waits longer for its answer (the host decodes it first); an answer
+        // that has begun to arrive gets the time a big one needs to come in full.
+        let mib = u32::try_from(body.len() >> 20).unwrap_or(u32::MAX);
+        let wait = wait + PER_MIB * mib;
+        let arriving = PER_MIB * 1024;
         let id = self.next_id();
         let reach_until = tokio::time::Instant::now() + REACH_FOR;
         let mut last_error: Option<BrokerError> = None;
@@ -511,10 +517,16 @@ impl Link {
                 Err(e) => {
                     conn.forget(id);
                     last_error = Some(e);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             }
-            match tokio::time::timeout(wait + ANSWER_SLACK, answer).await {
+            let mut answer = answer;
+            let mut got = tokio::time::timeout(wait + ANSWER_SLACK, &mut answer).await;
+            if got.is_err() && big_answer && lock(&conn.begun).contains(&id) {
+                got = tokio::time::timeout(arriving, &mut answer).await;
+            }
+            match got {
                 Ok(Ok(bytes)) => return Ok(Some(bytes)),
                 // The connection dropped before the answer came: ask again.
                 Ok(Err(_)) => {
