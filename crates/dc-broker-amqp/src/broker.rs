@@ -40,6 +40,9 @@ struct Inner {
     names: Names,
     registry: Registry,
     host: std::sync::Mutex<Option<Arc<Host>>>,
+    /// Held while a session opens: two opens at once on one connection would both get the
+    /// lock (an exclusive queue is exclusive to a connection, not a caller).
+    opening: tokio::sync::Mutex<()>,
     max_payload: usize,
 }
 
@@ -95,6 +98,7 @@ impl AmqpBroker {
                 registry: Registry::new(names.clone()),
                 names,
                 host: std::sync::Mutex::new(None),
+                opening: tokio::sync::Mutex::new(()),
                 max_payload,
             }),
         })
@@ -198,6 +202,7 @@ impl SessionControl for AmqpBroker {
         spec: &SessionSpec,
     ) -> Result<Option<SessionInfo>, BrokerError> {
         self.check_size(spec.init.len())?;
+        let _opening = self.inner.opening.lock().await;
         let previous = lock(&self.inner.host).clone();
         if let Some(previous) = previous {
             if previous.is_active() {
