@@ -226,12 +226,7 @@ impl Link {
     pub(crate) fn new(target: Target, max_message: usize) -> Self {
         // Call ids start at a random point, so two processes' ids seldom meet (a host keys
         // the answers it keeps for retries by worker and id).
-        let seed = {
-            use std::hash::{BuildHasher, Hasher};
-            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-            h.write_u32(std::process::id());
-            h.finish() >> 16
-        };
+        let seed = crate::host::random() >> 16;
         Link {
             target,
             max_message,

@@ -107,15 +107,29 @@ impl Call {
             _ => Duration::ZERO,
         }
     }
-}
 
-impl Call {
     /// Whether the answer may carry payloads (and so be big).
     pub(crate) fn big_answer(&self) -> bool {
         matches!(
             self,
             Call::TakeJobs { .. } | Call::TakeResults { .. } | Call::ReadUpdates { .. }
         )
+    }
+
+    /// Payload bytes in the call (jobs, outputs, an update).
+    pub(crate) fn payload_bytes(&self) -> usize {
+        match self {
+            Call::Submit { jobs, .. } => jobs.iter().map(|j| j.payload.len()).sum(),
+            Call::Complete { outcomes } => outcomes
+                .iter()
+                .map(|(_, o)| match o {
+                    WireOutcome::Output(b) => b.len(),
+                    WireOutcome::Failed(..) => 0,
+                })
+                .sum(),
+            Call::PublishUpdate { payload, .. } => payload.len(),
+            _ => 0,
+        }
     }
 }
 
@@ -418,24 +432,6 @@ pub(crate) async fn decode_off<T: serde::de::DeserializeOwned + Send + 'static>(
     tokio::task::spawn_blocking(move || decode(what, &bytes))
         .await
         .map_err(|e| BrokerError::Protocol(format!("decoding {what}: {e}").into()))?
-}
-
-/// Payload bytes in a call (jobs, outputs, an update).
-impl Call {
-    pub(crate) fn payload_bytes(&self) -> usize {
-        match self {
-            Call::Submit { jobs, .. } => jobs.iter().map(|j| j.payload.len()).sum(),
-            Call::Complete { outcomes } => outcomes
-                .iter()
-                .map(|(_, o)| match o {
-                    WireOutcome::Output(b) => b.len(),
-                    WireOutcome::Failed(..) => 0,
-                })
-                .sum(),
-            Call::PublishUpdate { payload, .. } => payload.len(),
-            _ => 0,
-        }
-    }
 }
 
 /// Payload bytes in leased jobs, results or updates (what makes an answer big).
